@@ -1,0 +1,29 @@
+# Auto AI Router for Envoy. `make run` runs the router on the bundled example; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+WASM := target/$(WASM_TARGET)/release/filter.wasm
+# Test targets register themselves here from mk/*.mk; `make test` runs them in order.
+TEST_TARGETS := test-unit
+
+.PHONY: build wasm wasm-target test test-unit bench clean
+build: wasm
+
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+wasm: wasm-target
+	$(CARGO) build --release --target $(WASM_TARGET) -p filter
+	@ls -l $(WASM) | awk '{print "filter.wasm: " $$5 " bytes"}'
+
+test-unit:
+	$(CARGO) test -p filter
+
+include $(sort $(wildcard mk/*.mk))
+
+test: build
+	@set -e; for t in $(TEST_TARGETS); do echo "== make $$t"; $(MAKE) --no-print-directory $$t; done
+
+clean:
+	$(CARGO) clean
