@@ -6,6 +6,8 @@ WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/filter.wasm
 # Test targets register themselves here from mk/*.mk; `make test` runs them in order.
 TEST_TARGETS := test-unit
+# Benchmarks register here likewise; `make bench` runs them (not part of `make test`).
+BENCH_TARGETS :=
 
 .PHONY: build wasm wasm-target test test-unit bench clean
 build: wasm
@@ -24,6 +26,9 @@ include $(sort $(wildcard mk/*.mk))
 
 test: build
 	@set -e; for t in $(TEST_TARGETS); do echo "== make $$t"; $(MAKE) --no-print-directory $$t; done
+
+bench: build
+	@set -e; for t in $(BENCH_TARGETS); do echo "== make $$t"; $(MAKE) --no-print-directory $$t; done
 
 clean:
 	$(CARGO) clean
