@@ -1,4 +1,17 @@
 //! Auto AI Router filter. Decision logic is plain Rust (tested natively); `glue` is the thin
 //! proxy-wasm layer compiled only for wasm32.
 
+pub mod auth;
+pub mod balancer;
+pub mod body;
 pub mod config;
+pub mod endpoints;
+pub mod errors;
+pub mod fail2ban;
+pub mod metrics;
+pub mod models_index;
+pub mod rate_window;
+pub mod store;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

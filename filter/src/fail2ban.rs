@@ -1,0 +1,149 @@
+//! fail2ban per credential: consecutive error responses ban it for a while (or until restart).
+
+use crate::config::{BanDuration, Fail2Ban};
+
+/// `banned_until_ms`: 0 = not banned, `u64::MAX` = permanent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BanRecord {
+    pub errors: u32,
+    pub banned_until_ms: u64,
+}
+
+const PERMANENT: u64 = u64::MAX;
+const VERSION: u8 = 1;
+
+/// What a response did to the credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanEvent {
+    Unchanged,
+    /// The error count moved (up, or back to 0).
+    Counted { errors: u32 },
+    Banned { until_ms: u64 },
+    /// The response arrived while the credential was banned.
+    Ignored,
+}
+
+impl BanRecord {
+    pub fn is_banned(&self, now_ms: u64) -> bool {
+        self.banned_until_ms > now_ms
+    }
+
+    /// The record as it stands at `now_ms`: an expired ban has lifted and its count is reset.
+    pub fn current(self, now_ms: u64) -> BanRecord {
+        if self.banned_until_ms != 0 && self.banned_until_ms <= now_ms {
+            BanRecord::default()
+        } else {
+            self
+        }
+    }
+
+    /// Applies one upstream response status.
+    pub fn on_status(&mut self, status: u16, now_ms: u64, policy: &Fail2Ban) -> BanEvent {
+        *self = self.current(now_ms);
+        if self.is_banned(now_ms) {
+            return BanEvent::Ignored;
+        }
+        if policy.error_codes.contains(&status) {
+            self.errors = self.errors.saturating_add(1);
+            if self.errors >= policy.max_attempts {
+                self.banned_until_ms = match policy.ban_duration {
+                    BanDuration::Permanent => PERMANENT,
+                    BanDuration::For(d) => now_ms.saturating_add(d.as_millis() as u64).min(PERMANENT - 1),
+                };
+                return BanEvent::Banned { until_ms: self.banned_until_ms };
+            }
+            return BanEvent::Counted { errors: self.errors };
+        }
+        if (200..300).contains(&status) && self.errors != 0 {
+            self.errors = 0;
+            return BanEvent::Counted { errors: 0 };
+        }
+        BanEvent::Unchanged
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(13);
+        out.push(VERSION);
+        out.extend_from_slice(&self.errors.to_le_bytes());
+        out.extend_from_slice(&self.banned_until_ms.to_le_bytes());
+        out
+    }
+
+    /// Missing or corrupt reads as a clean record.
+    pub fn decode(bytes: Option<&[u8]>) -> BanRecord {
+        match bytes {
+            Some(b) if b.len() == 13 && b[0] == VERSION => BanRecord {
+                errors: u32::from_le_bytes(b[1..5].try_into().unwrap_or_default()),
+                banned_until_ms: u64::from_le_bytes(b[5..13].try_into().unwrap_or_default()),
+            },
+            _ => BanRecord::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn policy(ban: BanDuration) -> Fail2Ban {
+        Fail2Ban { max_attempts: 3, ban_duration: ban, error_codes: vec![401, 403, 429, 500, 502, 503, 504] }
+    }
+
+    #[test]
+    fn three_listed_errors_ban() {
+        let p = policy(BanDuration::Permanent);
+        let mut r = BanRecord::default();
+        assert_eq!(r.on_status(401, 0, &p), BanEvent::Counted { errors: 1 });
+        assert_eq!(r.on_status(403, 1, &p), BanEvent::Counted { errors: 2 });
+        assert_eq!(r.on_status(500, 2, &p), BanEvent::Banned { until_ms: u64::MAX });
+        assert!(r.is_banned(u64::MAX - 1));
+    }
+
+    #[test]
+    fn success_resets_and_untracked_changes_nothing() {
+        let p = policy(BanDuration::Permanent);
+        let mut r = BanRecord::default();
+        r.on_status(500, 0, &p);
+        r.on_status(500, 0, &p);
+        assert_eq!(r.on_status(200, 0, &p), BanEvent::Counted { errors: 0 });
+        assert_eq!(r.errors, 0);
+        r.on_status(500, 0, &p);
+        assert_eq!(r.on_status(404, 0, &p), BanEvent::Unchanged);
+        assert_eq!(r.errors, 1);
+    }
+
+    #[test]
+    fn responses_while_banned_are_ignored() {
+        let p = policy(BanDuration::Permanent);
+        let mut r = BanRecord::default();
+        for _ in 0..3 {
+            r.on_status(500, 0, &p);
+        }
+        let banned = r;
+        assert_eq!(r.on_status(200, 5, &p), BanEvent::Ignored);
+        assert_eq!(r.on_status(500, 5, &p), BanEvent::Ignored);
+        assert_eq!(r, banned);
+    }
+
+    #[test]
+    fn timed_ban_lifts_and_resets_count() {
+        let p = policy(BanDuration::For(Duration::from_millis(100)));
+        let mut r = BanRecord::default();
+        for _ in 0..3 {
+            r.on_status(502, 0, &p);
+        }
+        assert!(r.is_banned(50));
+        assert!(!r.current(150).is_banned(150));
+        assert_eq!(r.current(150), BanRecord::default());
+        assert_eq!(r.on_status(500, 150, &p), BanEvent::Counted { errors: 1 }, "count restarts after the ban");
+    }
+
+    #[test]
+    fn codec() {
+        let r = BanRecord { errors: 2, banned_until_ms: 12345 };
+        assert_eq!(BanRecord::decode(Some(&r.encode())), r);
+        assert_eq!(BanRecord::decode(Some(&[1, 2, 3])), BanRecord::default());
+        assert_eq!(BanRecord::decode(None), BanRecord::default());
+    }
+}

@@ -1,0 +1,309 @@
+//! RPM windows: at most `limit` admissions in any 60 s, to one-second granularity. A window keeps
+//! at most 60 (second, count) buckets, so a record never grows with time.
+
+use crate::config::Rpm;
+
+pub const WINDOW_SECS: u64 = 60;
+/// Distinct models one credential tracks at once (models unused for 60 s are dropped).
+pub const MAX_MODEL_WINDOWS: usize = 1024;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Window {
+    /// Ascending by second; counts > 0.
+    buckets: Vec<(u32, u32)>,
+}
+
+impl Window {
+    /// Forgets admissions that left the window: a bucket at second `s` counts while `now - s < 60`.
+    pub fn prune(&mut self, now_s: u64) {
+        let keep_from = self.buckets.iter().position(|(s, _)| (*s as u64) + WINDOW_SECS > now_s);
+        match keep_from {
+            Some(0) => {}
+            Some(i) => {
+                self.buckets.drain(..i);
+            }
+            None => self.buckets.clear(),
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.buckets.iter().map(|(_, c)| *c).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// Seconds until one more admission fits (call on a pruned, full window).
+    fn retry_after(&self, now_s: u64, limit: u32) -> u64 {
+        let must_expire = (self.count() + 1).saturating_sub(limit);
+        let mut freed = 0;
+        for (s, c) in &self.buckets {
+            freed += c;
+            if freed >= must_expire {
+                return ((*s as u64) + WINDOW_SECS).saturating_sub(now_s).max(1);
+            }
+        }
+        1
+    }
+
+    /// `Ok` if one more admission fits under `limit`, else `Err(retry_after_secs)`.
+    pub fn check(&self, now_s: u64, limit: Rpm) -> Result<(), u64> {
+        match limit {
+            Rpm::Unlimited => Ok(()),
+            Rpm::Limit(n) if self.count() < n => Ok(()),
+            Rpm::Limit(n) => Err(self.retry_after(now_s, n)),
+        }
+    }
+
+    pub fn charge(&mut self, now_s: u64) {
+        let s = now_s as u32;
+        match self.buckets.last_mut() {
+            Some((last, c)) if *last == s => *c += 1,
+            _ => self.buckets.push((s, 1)),
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.buckets.len() as u8);
+        for (s, c) in &self.buckets {
+            out.extend_from_slice(&s.to_le_bytes());
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+    }
+
+    fn decode(input: &mut &[u8]) -> Option<Window> {
+        let n = take(input, 1)?[0] as usize;
+        if n > WINDOW_SECS as usize {
+            return None;
+        }
+        let mut buckets = Vec::with_capacity(n);
+        let mut prev = None;
+        for _ in 0..n {
+            let s = u32::from_le_bytes(take(input, 4)?.try_into().ok()?);
+            let c = u32::from_le_bytes(take(input, 4)?.try_into().ok()?);
+            if c == 0 || prev.is_some_and(|p| p >= s) {
+                return None;
+            }
+            prev = Some(s);
+            buckets.push((s, c));
+        }
+        Some(Window { buckets })
+    }
+}
+
+fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if input.len() < n {
+        return None;
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Some(head)
+}
+
+/// One credential's windows: its own and one per (credential, model). Kept in one shared-data
+/// record so that both slots are charged by a single CAS: together or not at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateRecord {
+    pub credential: Window,
+    pub models: Vec<(String, Window)>,
+}
+
+const VERSION: u8 = 1;
+
+/// Why an admission was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Seconds until a slot frees.
+    Full { retry_after: u64 },
+    /// Too many distinct models in the last minute to track another.
+    TooManyModels,
+}
+
+impl RateRecord {
+    pub fn prune(&mut self, now_s: u64) {
+        self.credential.prune(now_s);
+        self.models.retain_mut(|(_, w)| {
+            w.prune(now_s);
+            !w.is_empty()
+        });
+    }
+
+    pub fn model_window(&self, model: &str) -> Option<&Window> {
+        self.models.iter().find(|(m, _)| m == model).map(|(_, w)| w)
+    }
+
+    /// Charges the credential slot and, when `model` has a limit, the (credential, model) slot:
+    /// both or neither. The record must be pruned first.
+    pub fn try_admit(&mut self, now_s: u64, credential_rpm: Rpm, model: Option<(&str, Rpm)>) -> Result<(), Refused> {
+        let cred = self.credential.check(now_s, credential_rpm);
+        let model_idx = match model {
+            Some((name, Rpm::Limit(_))) => self.models.iter().position(|(m, _)| m == name),
+            _ => None,
+        };
+        let model_check = match (model, model_idx) {
+            (Some((_, limit @ Rpm::Limit(_))), Some(i)) => self.models[i].1.check(now_s, limit),
+            (Some((_, Rpm::Limit(_))), None) if self.models.len() >= MAX_MODEL_WINDOWS => {
+                return Err(Refused::TooManyModels)
+            }
+            _ => Ok(()),
+        };
+        match (cred, model_check) {
+            (Ok(()), Ok(())) => {}
+            (Err(a), Err(b)) => return Err(Refused::Full { retry_after: a.max(b) }),
+            (Err(a), _) | (_, Err(a)) => return Err(Refused::Full { retry_after: a }),
+        }
+        if credential_rpm != Rpm::Unlimited {
+            self.credential.charge(now_s);
+        }
+        if let Some((name, Rpm::Limit(_))) = model {
+            match model_idx {
+                Some(i) => self.models[i].1.charge(now_s),
+                None => {
+                    let mut w = Window::default();
+                    w.charge(now_s);
+                    self.models.push((name.to_string(), w));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + 8 * self.credential.buckets.len());
+        out.push(VERSION);
+        self.credential.encode(&mut out);
+        out.extend_from_slice(&(self.models.len() as u16).to_le_bytes());
+        for (name, w) in &self.models {
+            let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name);
+            w.encode(&mut out);
+        }
+        out
+    }
+
+    /// A missing, corrupt or other-version record reads as empty (it is rewritten on next charge).
+    pub fn decode(bytes: Option<&[u8]>) -> RateRecord {
+        bytes.and_then(Self::try_decode).unwrap_or_default()
+    }
+
+    fn try_decode(mut input: &[u8]) -> Option<RateRecord> {
+        if take(&mut input, 1)? != [VERSION] {
+            return None;
+        }
+        let credential = Window::decode(&mut input)?;
+        let n = u16::from_le_bytes(take(&mut input, 2)?.try_into().ok()?) as usize;
+        let mut models = Vec::with_capacity(n.min(MAX_MODEL_WINDOWS));
+        for _ in 0..n {
+            let len = u16::from_le_bytes(take(&mut input, 2)?.try_into().ok()?) as usize;
+            let name = std::str::from_utf8(take(&mut input, len)?).ok()?.to_string();
+            models.push((name, Window::decode(&mut input)?));
+        }
+        input.is_empty().then_some(RateRecord { credential, models })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_up_to_limit_then_refuses_with_retry_after() {
+        let mut r = RateRecord::default();
+        assert!(r.try_admit(100, Rpm::Limit(2), None).is_ok());
+        assert!(r.try_admit(110, Rpm::Limit(2), None).is_ok());
+        assert_eq!(r.try_admit(120, Rpm::Limit(2), None), Err(Refused::Full { retry_after: 40 }));
+        assert_eq!(r.credential.count(), 2);
+    }
+
+    #[test]
+    fn window_slides() {
+        let mut r = RateRecord::default();
+        for t in 0..3 {
+            r.try_admit(1000 + t, Rpm::Limit(3), None).unwrap();
+        }
+        r.prune(1059);
+        assert!(r.try_admit(1059, Rpm::Limit(3), None).is_err());
+        r.prune(1060);
+        assert_eq!(r.credential.count(), 2, "the admission at 1000 left the window at 1060");
+        assert!(r.try_admit(1060, Rpm::Limit(3), None).is_ok());
+        r.prune(1200);
+        assert_eq!(r.credential.count(), 0);
+    }
+
+    #[test]
+    fn unlimited_admits_without_recording() {
+        let mut r = RateRecord::default();
+        for _ in 0..1000 {
+            r.try_admit(5, Rpm::Unlimited, Some(("m", Rpm::Unlimited))).unwrap();
+        }
+        assert_eq!(r, RateRecord::default());
+    }
+
+    #[test]
+    fn credential_and_model_charged_together_or_not_at_all() {
+        let mut r = RateRecord::default();
+        r.try_admit(0, Rpm::Limit(10), Some(("gpt", Rpm::Limit(1)))).unwrap();
+        let before = r.clone();
+        assert_eq!(r.try_admit(1, Rpm::Limit(10), Some(("gpt", Rpm::Limit(1)))), Err(Refused::Full { retry_after: 59 }));
+        assert_eq!(r, before, "a refused model slot must not charge the credential");
+        r.try_admit(1, Rpm::Limit(10), Some(("other", Rpm::Limit(1)))).unwrap();
+        assert_eq!(r.credential.count(), 2);
+        let mut full = RateRecord::default();
+        full.try_admit(0, Rpm::Limit(1), None).unwrap();
+        let before = full.clone();
+        assert!(full.try_admit(0, Rpm::Limit(1), Some(("gpt", Rpm::Limit(5)))).is_err());
+        assert_eq!(full, before, "a refused credential slot must not charge the model");
+    }
+
+    #[test]
+    fn retry_after_counts_the_buckets_that_must_expire() {
+        let mut r = RateRecord::default();
+        r.try_admit(10, Rpm::Limit(3), None).unwrap();
+        r.try_admit(20, Rpm::Limit(3), None).unwrap();
+        r.try_admit(30, Rpm::Limit(3), None).unwrap();
+        assert_eq!(r.try_admit(45, Rpm::Limit(3), None), Err(Refused::Full { retry_after: 25 }));
+        // Lowering the limit to 2 needs two admissions to expire: the one at 20 frees at 80.
+        assert_eq!(r.try_admit(45, Rpm::Limit(2), None), Err(Refused::Full { retry_after: 35 }));
+    }
+
+    #[test]
+    fn codec_round_trips_and_rejects_garbage() {
+        let mut r = RateRecord::default();
+        r.try_admit(7, Rpm::Limit(5), Some(("gpt-4o", Rpm::Limit(5)))).unwrap();
+        r.try_admit(8, Rpm::Limit(5), Some(("m", Rpm::Limit(5)))).unwrap();
+        let bytes = r.encode();
+        assert_eq!(RateRecord::decode(Some(&bytes)), r);
+        for cut in 0..bytes.len() {
+            assert_eq!(RateRecord::decode(Some(&bytes[..cut])), RateRecord::default(), "truncated at {cut}");
+        }
+        let mut other_version = bytes.clone();
+        other_version[0] = 9;
+        assert_eq!(RateRecord::decode(Some(&other_version)), RateRecord::default());
+        let mut trailing = bytes;
+        trailing.push(0);
+        assert_eq!(RateRecord::decode(Some(&trailing)), RateRecord::default());
+        assert_eq!(RateRecord::decode(None), RateRecord::default());
+    }
+
+    #[test]
+    fn idle_models_are_dropped() {
+        let mut r = RateRecord::default();
+        r.try_admit(0, Rpm::Unlimited, Some(("a", Rpm::Limit(5)))).unwrap();
+        r.try_admit(30, Rpm::Unlimited, Some(("b", Rpm::Limit(5)))).unwrap();
+        r.prune(61);
+        assert_eq!(r.models.len(), 1);
+        assert!(r.model_window("b").is_some());
+    }
+
+    #[test]
+    fn model_windows_are_bounded() {
+        let mut r = RateRecord::default();
+        for i in 0..MAX_MODEL_WINDOWS {
+            r.try_admit(0, Rpm::Unlimited, Some((&format!("m{i}"), Rpm::Limit(5)))).unwrap();
+        }
+        assert_eq!(r.try_admit(0, Rpm::Unlimited, Some(("one-more", Rpm::Limit(5)))), Err(Refused::TooManyModels));
+        assert!(r.try_admit(0, Rpm::Unlimited, Some(("m3", Rpm::Limit(5)))).is_ok());
+    }
+}
