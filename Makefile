@@ -9,7 +9,7 @@ TEST_TARGETS := test-unit
 # Benchmarks register here likewise; `make bench` runs them (not part of `make test`).
 BENCH_TARGETS :=
 
-.PHONY: build wasm wasm-target test test-unit bench clean
+.PHONY: build wasm wasm-fault wasm-target test test-unit bench clean
 build: wasm
 
 wasm-target:
@@ -18,6 +18,12 @@ wasm-target:
 wasm: wasm-target
 	$(CARGO) build --release --target $(WASM_TARGET) -p filter
 	@ls -l $(WASM) | awk '{print "filter.wasm: " $$5 " bytes"}'
+
+# Test-only build with the fault-injection hook (a header that makes the filter trap), kept apart
+# from the release artifact.
+WASM_FAULT := target/fault/$(WASM_TARGET)/release/filter.wasm
+wasm-fault: wasm-target
+	$(CARGO) build --release --target $(WASM_TARGET) -p filter --features fault-injection --target-dir target/fault
 
 test-unit:
 	$(CARGO) test -p filter

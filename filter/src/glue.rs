@@ -426,6 +426,10 @@ impl Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "fault-injection")]
+        if self.get_http_request_header("x-auto-ai-router-fault").as_deref() == Some("trap") {
+            panic!("fault injection: trap requested");
+        }
         // A client must never pick the cluster, nor send a key of its own upstream.
         self.set_http_request_header(CLUSTER_HEADER, None);
         self.set_http_request_header("x-api-key", None);
