@@ -1,1 +1,3 @@
 //! End-to-end harness and the mock OpenAI provider.
+
+pub mod mock;
