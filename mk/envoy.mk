@@ -34,3 +34,9 @@ run: wasm venv native
 TEST_TARGETS += test-envoy
 test-envoy: wasm venv
 	$(CARGO) test -p auto-ai-router -p e2e
+
+# The bootstrap docker-compose mounts (paths as inside the official Envoy image).
+.PHONY: compose-bootstrap
+compose-bootstrap: native
+	$(CLI_BIN) render --config envoy/docker/config.yaml --wasm /etc/envoy/filter.wasm \
+	  --ca-bundle /etc/ssl/certs/ca-certificates.crt --out envoy/docker/envoy.yaml

@@ -14,6 +14,9 @@ use std::net::IpAddr;
 pub const ROUTER_ROOT_ID: &str = "auto_ai_router";
 pub const MODELS_ROOT_ID: &str = "auto_ai_router_models";
 pub const VM_ID: &str = "auto_ai_router";
+/// A trap fails the request that hit it (503, never an unauthenticated pass-through) and Envoy
+/// reloads the VM, so one bad request does not leave the gateway answering 503 for good (see README).
+pub const FAILURE_POLICY: &str = "FAIL_RELOAD";
 pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
 /// Name of the router's HTTP filter in the chain (and in `typed_per_filter_config`).
 pub const ROUTER_FILTER_NAME: &str = "auto_ai_router";
@@ -119,7 +122,7 @@ pub fn wasm_filter(name: &str, root_id: &str, configuration: &str, wasm_path: &s
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": configuration,
                 },
-                "failure_policy": "FAIL_CLOSED",
+                "failure_policy": FAILURE_POLICY,
                 "allow_on_headers_stop_iteration": true,
             }
         }
@@ -240,8 +243,8 @@ fn listener(p: &Prepared, o: &RenderOptions) -> Value {
         "stat_prefix": "auto_ai_router",
         "codec_type": "AUTO",
         "use_remote_address": true,
-        "normalize_path": true,
-        "merge_slashes": true,
+        // No path normalisation here: the filter itself refuses `..`, `.`, `//` and encoded
+        // separators under /v1/ with 404, and the other routes match exact paths.
         // SSE streams may be quiet for long: no stream idle timeout (the route timeout bounds requests).
         "stream_idle_timeout": "0s",
         "common_http_protocol_options": {"idle_timeout": "300s"},

@@ -117,7 +117,7 @@ fn example_config_renders_a_bootstrap_envoy_accepts() {
     assert!(yaml.contains(r#"{\"name\":\"text-embedding-3-small\",\"rpm\":-1}"#) || yaml.contains(r#""name":"text-embedding-3-small","rpm":-1"#), "{yaml}");
     for needle in [
         "allow_on_headers_stop_iteration: true",
-        "failure_policy: FAIL_CLOSED",
+        "failure_policy: FAIL_RELOAD",
         "runtime: envoy.wasm.runtime.v8",
         "type.googleapis.com/google.protobuf.StringValue",
         "cluster_header: x-auto-ai-router-cluster",

@@ -1,0 +1,172 @@
+//! docker-compose and Istio deployment files: the compose bootstrap is current and passes
+//! `envoy --mode validate`; the manifests parse and carry the fields Istio's schema has, with a
+//! plugin configuration the filter accepts. (Docker and Kubernetes are not available here.)
+
+use auto_ai_router::locate;
+use filter::config;
+use serde_yaml::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn docs(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::with::singleton_map_recursive::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    let mut cur = v;
+    for key in path.split('.') {
+        cur = match key.parse::<usize>() {
+            Ok(i) => cur.get(i),
+            Err(_) => cur.get(key),
+        }
+        .unwrap_or_else(|| panic!("missing {path} (at {key}) in {v:?}"));
+    }
+    cur
+}
+
+fn str_of<'a>(v: &'a Value, path: &str) -> &'a str {
+    get(v, path).as_str().unwrap_or_else(|| panic!("{path} is not a string"))
+}
+
+const COMPOSE_ENV: [(&str, &str); 3] =
+    [("ROUTER_MASTER_KEY", "sk-your-secret-key"), ("MOCK_A_API_KEY", "sk-mock-a-key"), ("MOCK_B_API_KEY", "sk-mock-b-key")];
+
+#[test]
+fn compose_bootstrap_is_current_and_envoy_accepts_it() {
+    let committed = std::fs::read_to_string(repo().join("envoy/docker/envoy.yaml")).unwrap();
+    let dir = std::env::temp_dir().join(format!("auto-ai-router-compose-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fresh = dir.join("envoy.yaml");
+    // The same command as `make compose-bootstrap`.
+    let o = Command::new(env!("CARGO_BIN_EXE_auto-ai-router"))
+        .current_dir(repo())
+        .args(["render", "--config", "envoy/docker/config.yaml", "--wasm", "/etc/envoy/filter.wasm"])
+        .args(["--ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--out", fresh.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&fresh).unwrap(),
+        committed,
+        "envoy/docker/envoy.yaml is stale: run `make compose-bootstrap`"
+    );
+    for (_, value) in COMPOSE_ENV {
+        assert!(!committed.contains(value), "the compose bootstrap holds a key value");
+    }
+    // Validate it with this machine's paths for the module.
+    let wasm = locate::find_wasm(None).unwrap();
+    let local = committed.replace("/etc/envoy/filter.wasm", wasm.to_str().unwrap());
+    std::fs::write(&fresh, local).unwrap();
+    let envoy = locate::find_envoy().unwrap_or_else(|e| panic!("{e}"));
+    let o = Command::new(envoy)
+        .args(["--mode", "validate", "-c", fresh.to_str().unwrap(), "-l", "warning"])
+        .env_clear()
+        .envs(COMPOSE_ENV)
+        .output()
+        .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && log.contains("OK"), "envoy --mode validate:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compose_file_uses_the_official_image_and_mounts_module_and_bootstrap() {
+    let d = &docs("envoy/docker-compose.yml")[0];
+    let router = get(d, "services.router");
+    assert!(str_of(router, "image").starts_with("envoyproxy/envoy:v1.40"));
+    let mounts: Vec<&str> = get(router, "volumes").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(mounts.iter().any(|m| m.ends_with(":/etc/envoy/filter.wasm:ro")), "{mounts:?}");
+    assert!(mounts.iter().any(|m| m.starts_with("./docker/envoy.yaml:")), "{mounts:?}");
+    for (name, _) in COMPOSE_ENV {
+        assert!(get(router, "environment").get(name).is_some(), "router env lacks {name}");
+    }
+    for svc in ["mock-a", "mock-b"] {
+        assert_eq!(str_of(d, &format!("services.{svc}.build.dockerfile")), "envoy/docker/Dockerfile.mock");
+    }
+    assert!(repo().join("envoy/docker/Dockerfile.mock").is_file());
+}
+
+fn kinds(path: &str) -> Vec<(String, Value)> {
+    docs(path)
+        .into_iter()
+        .map(|d| {
+            assert!(str_of(&d, "apiVersion").contains("istio.io/"), "{path}: apiVersion");
+            assert!(!str_of(&d, "metadata.name").is_empty());
+            (str_of(&d, "kind").to_string(), d)
+        })
+        .collect()
+}
+
+fn accepts(plugin_json: &str) {
+    let raw = config::parse_raw(plugin_json).unwrap_or_else(|e| panic!("plugin config: {e}"));
+    let env = |n: &str| Some(format!("test-value-{n}"));
+    config::validate(&raw, &env).unwrap_or_else(|e| panic!("plugin config: {e}"));
+}
+
+#[test]
+fn wasmplugin_has_istio_fields_and_a_config_the_filter_accepts() {
+    let all = kinds("envoy/istio/wasmplugin.yaml");
+    let (kind, d) = &all[0];
+    assert_eq!(kind, "WasmPlugin");
+    let spec = get(d, "spec");
+    let url = str_of(spec, "url");
+    assert!(url.starts_with("oci://") || url.starts_with("file://") || url.starts_with("https://"));
+    assert_eq!(str_of(spec, "pluginName"), "auto_ai_router");
+    assert_eq!(str_of(spec, "failStrategy"), "FAIL_CLOSE");
+    assert_eq!(str_of(spec, "type"), "HTTP");
+    let env: Vec<&str> = get(spec, "vmConfig.env").as_sequence().unwrap().iter().map(|e| str_of(e, "name")).collect();
+    for e in get(spec, "vmConfig.env").as_sequence().unwrap() {
+        assert!(matches!(str_of(e, "valueFrom"), "HOST" | "INLINE"));
+    }
+    let plugin = serde_json::to_string(get(spec, "pluginConfig")).unwrap();
+    accepts(&plugin);
+    // Every os.environ/ variable of the plugin config is passed to the VM.
+    for var in plugin.split("os.environ/").skip(1).map(|s| s.split('"').next().unwrap()) {
+        assert!(env.contains(&var), "vmConfig.env lacks {var}");
+    }
+}
+
+#[test]
+fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
+    let all = kinds("envoy/istio/envoyfilter.yaml");
+    let (kind, d) = &all[0];
+    assert_eq!(kind, "EnvoyFilter");
+    let patches = get(d, "spec.configPatches").as_sequence().unwrap();
+    let filter = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_FILTER").expect("HTTP_FILTER patch");
+    assert_eq!(str_of(filter, "patch.operation"), "INSERT_BEFORE");
+    let cfg = get(filter, "patch.value.typed_config.config");
+    assert_eq!(get(cfg, "allow_on_headers_stop_iteration").as_bool(), Some(true));
+    assert_eq!(str_of(cfg, "root_id"), "auto_ai_router");
+    assert_eq!(str_of(cfg, "vm_config.runtime"), "envoy.wasm.runtime.v8");
+    accepts(str_of(cfg, "configuration.value"));
+    let keys: Vec<&str> =
+        get(cfg, "vm_config.environment_variables.host_env_keys").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(keys.contains(&"ROUTER_MASTER_KEY") && keys.contains(&"OPENAI_API_KEY"));
+    let cluster = patches.iter().find(|p| str_of(p, "applyTo") == "CLUSTER").expect("CLUSTER patch");
+    assert_eq!(str_of(cluster, "patch.value.name"), "openai_main");
+    let route = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_ROUTE").expect("HTTP_ROUTE patch");
+    assert_eq!(str_of(route, "patch.value.route.cluster_header"), "x-auto-ai-router-cluster");
+    let route_name = str_of(route, "match.routeConfiguration.vhost.route.name");
+    let vs = kinds("envoy/istio/virtualservice.yaml");
+    let (_, v) = vs.iter().find(|(k, _)| k == "VirtualService").expect("VirtualService");
+    assert_eq!(str_of(v, "spec.http.0.name"), route_name);
+}
+
+#[test]
+fn serviceentry_and_destinationrule_describe_the_https_provider() {
+    let all = kinds("envoy/istio/serviceentry.yaml");
+    let (_, se) = all.iter().find(|(k, _)| k == "ServiceEntry").expect("ServiceEntry");
+    assert_eq!(str_of(se, "spec.hosts.0"), "api.openai.com");
+    assert_eq!(str_of(se, "spec.resolution"), "DNS");
+    assert_eq!(get(se, "spec.ports.0.number").as_u64(), Some(443));
+    let (_, dr) = all.iter().find(|(k, _)| k == "DestinationRule").expect("DestinationRule");
+    assert_eq!(str_of(dr, "spec.host"), "api.openai.com");
+    assert_eq!(str_of(dr, "spec.trafficPolicy.tls.mode"), "SIMPLE");
+}
