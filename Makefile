@@ -38,3 +38,14 @@ bench: build
 
 clean:
 	$(CARGO) clean
+
+# Coverage-guided fuzzing of the parsers and record codecs (not in CI). FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := config body headers records
+.PHONY: fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@set -e; cd filter && for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS)s)"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --sanitizer none $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096; \
+	done

@@ -192,6 +192,8 @@ fn routes(p: &Prepared) -> Vec<Value> {
             },
             // The filter buffers the whole body before routing: allow max_body_size (plus slack).
             "request_body_buffer_limit": body_limit,
+            // The cluster choice is internal: providers never see it.
+            "request_headers_to_remove": [CLUSTER_HEADER],
         }),
         json!({
             "name": "not_found",
