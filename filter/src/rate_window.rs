@@ -15,15 +15,12 @@ pub struct Window {
 
 impl Window {
     /// Forgets admissions that left the window: a bucket at second `s` counts while `now - s < 60`.
+    /// Buckets more than a window ahead of `now` (the clock stepped back) are forgotten too.
     pub fn prune(&mut self, now_s: u64) {
-        let keep_from = self.buckets.iter().position(|(s, _)| (*s as u64) + WINDOW_SECS > now_s);
-        match keep_from {
-            Some(0) => {}
-            Some(i) => {
-                self.buckets.drain(..i);
-            }
-            None => self.buckets.clear(),
-        }
+        self.buckets.retain(|(s, _)| {
+            let s = *s as u64;
+            s + WINDOW_SECS > now_s && s <= now_s + WINDOW_SECS
+        });
     }
 
     pub fn count(&self) -> u32 {
@@ -59,7 +56,8 @@ impl Window {
     pub fn charge(&mut self, now_s: u64) {
         let s = now_s as u32;
         match self.buckets.last_mut() {
-            Some((last, c)) if *last == s => *c += 1,
+            // Same second, or the clock stepped back: buckets stay ascending.
+            Some((last, c)) if *last >= s => *c += 1,
             _ => self.buckets.push((s, 1)),
         }
     }
@@ -285,6 +283,18 @@ mod tests {
         trailing.push(0);
         assert_eq!(RateRecord::decode(Some(&trailing)), RateRecord::default());
         assert_eq!(RateRecord::decode(None), RateRecord::default());
+    }
+
+    #[test]
+    fn clock_stepping_back_keeps_the_record_valid() {
+        let mut r = RateRecord::default();
+        r.try_admit(1000, Rpm::Limit(3), None).unwrap();
+        r.prune(990);
+        r.try_admit(990, Rpm::Limit(3), None).unwrap();
+        assert_eq!(RateRecord::decode(Some(&r.encode())), r, "buckets stay ascending");
+        assert_eq!(r.credential.count(), 2);
+        r.prune(500);
+        assert_eq!(r.credential.count(), 0, "a bucket far in the future is forgotten");
     }
 
     #[test]
