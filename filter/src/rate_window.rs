@@ -24,7 +24,7 @@ impl Window {
     }
 
     pub fn count(&self) -> u32 {
-        self.buckets.iter().map(|(_, c)| *c).sum()
+        self.buckets.iter().fold(0u32, |n, (_, c)| n.saturating_add(*c))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -33,10 +33,10 @@ impl Window {
 
     /// Seconds until one more admission fits (call on a pruned, full window).
     fn retry_after(&self, now_s: u64, limit: u32) -> u64 {
-        let must_expire = (self.count() + 1).saturating_sub(limit);
+        let must_expire = self.count().saturating_add(1).saturating_sub(limit);
         let mut freed = 0;
         for (s, c) in &self.buckets {
-            freed += c;
+            freed = c.saturating_add(freed);
             if freed >= must_expire {
                 return ((*s as u64) + WINDOW_SECS).saturating_sub(now_s).max(1);
             }
@@ -57,7 +57,7 @@ impl Window {
         let s = now_s as u32;
         match self.buckets.last_mut() {
             // Same second, or the clock stepped back: buckets stay ascending.
-            Some((last, c)) if *last >= s => *c += 1,
+            Some((last, c)) if *last >= s => *c = c.saturating_add(1),
             _ => self.buckets.push((s, 1)),
         }
     }
@@ -295,6 +295,16 @@ mod tests {
         assert_eq!(r.credential.count(), 2);
         r.prune(500);
         assert_eq!(r.credential.count(), 0, "a bucket far in the future is forgotten");
+    }
+
+    #[test]
+    fn huge_counts_from_a_corrupt_record_saturate() {
+        let bytes = [1u8, 1, 0, 4, 0, 0, 255, 255, 255, 255, 0, 0];
+        let mut r = RateRecord::decode(Some(&bytes));
+        r.prune(1024);
+        assert_eq!(r.try_admit(1024, Rpm::Limit(5), None), Err(Refused::Full { retry_after: 60 }));
+        r.credential.charge(1024);
+        assert_eq!(r.credential.count(), u32::MAX);
     }
 
     #[test]
