@@ -8,4 +8,4 @@ test-hostsim: wasm
 
 bench-hostsim: wasm
 	@mkdir -p target/bench
-	HOSTSIM_WASM=$(CURDIR)/$(WASM) $(CARGO) run --release -p host-sim --bin hostsim-bench -- target/bench/hostsim.md
+	HOSTSIM_WASM=$(CURDIR)/$(WASM) $(CARGO) run --profile bench-tools -p host-sim --bin hostsim-bench -- target/bench/hostsim.md
