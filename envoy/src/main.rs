@@ -1,14 +1,16 @@
-//! `auto-ai-router`: validate a seed-format config.yaml, render an Envoy bootstrap, run Envoy.
+//! `auto-ai-router`: validate a seed-format config.yaml, render an Envoy bootstrap, run Envoy,
+//! sync models.yaml with the providers' model lists.
 
 use auto_ai_router::prepare::{load_files, Prepared};
 use auto_ai_router::render::{self, RenderOptions};
+use auto_ai_router::sync::{self, SyncOptions};
 use auto_ai_router::{locate, run};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "auto-ai-router", version, about = "OpenAI-compatible AI router on Envoy: validate, render, run")]
+#[command(name = "auto-ai-router", version, about = "OpenAI-compatible AI router on Envoy: validate, render, run, models sync")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -84,6 +86,32 @@ enum Cmd {
         /// Extra arguments for Envoy (after --).
         #[arg(last = true)]
         envoy_args: Vec<String>,
+    },
+    /// models.yaml maintenance.
+    Models {
+        #[command(subcommand)]
+        cmd: ModelsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Fetch every credential's GET /v1/models and append the models models.yaml does not list yet
+    /// (rpm = server.default_models_rpm), keeping existing entries and comments; models.yaml beside
+    /// config.yaml is created when missing. Exit 0; 1 on a config or file error; 2 when no
+    /// credential answered.
+    Sync {
+        #[command(flatten)]
+        source: Source,
+        /// Print what would be added; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// PEM file of CA certificates for https providers (default: the Mozilla roots built in).
+        #[arg(long)]
+        ca_bundle: Option<PathBuf>,
     },
 }
 
@@ -275,6 +303,25 @@ fn main() -> ExitCode {
                     None => ExitCode::SUCCESS, // ended by a signal we forwarded
                 },
                 Err(e) => fail(format!("{}: {e}", envoy.display())),
+            }
+        }
+        Cmd::Models { cmd: ModelsCmd::Sync { source, dry_run, timeout, ca_bundle } } => {
+            let opts = SyncOptions {
+                config: source.config,
+                models: source.models,
+                dry_run,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+                ca_bundle,
+            };
+            let report = match sync::sync(&opts, &|n| std::env::var(n).ok()) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let _ = report.print(dry_run, &mut std::io::stdout(), &mut std::io::stderr());
+            if report.all_failed() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
             }
         }
     }
