@@ -1,3 +1,8 @@
 //! End-to-end harness and the mock OpenAI provider.
 
+pub mod http;
 pub mod mock;
+
+/// Starting a real Envoy in front of mocks (feature `e2e`; see mk/e2e.mk).
+#[cfg(feature = "e2e")]
+pub mod harness;

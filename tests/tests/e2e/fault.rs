@@ -1,0 +1,76 @@
+//! Fail-closed: with the test-only fault build (`make wasm-fault`), a request carrying
+//! `x-auto-ai-router-fault: trap` makes the filter panic (a wasm trap). The bootstrap's
+//! `failure_policy: FAIL_RELOAD` must fail that request with a 5xx — never pass it upstream
+//! unauthenticated — and the gateway must serve again, auth still enforced.
+//!
+//! Measured on Envoy 1.40: after a trap, the worker's VM is reloaded only after the reload backoff
+//! (`PluginConfig.reload_config`, default base interval 1 s); until then that worker answers 503
+//! (a bare Envoy reply). The test asserts that every request in that window is refused and
+//! reaches no provider, and that service is back within a bounded time.
+
+use e2e::harness::{api_log, cred, mock, Options, Router, Wasm, MASTER};
+use e2e::http::Request;
+use std::time::{Duration, Instant};
+
+/// How long a worker may stay failed after a trap before the VM must have been reloaded.
+const RECOVERY_BOUND: Duration = Duration::from_secs(4);
+
+#[test]
+fn a_trap_fails_closed_and_the_vm_reloads() {
+    let a = mock("a", "sk-fault-a-0000", &["gpt-4o"]);
+    let cfg = format!("server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}", cred("cred_a", "sk-fault-a-0000", &a.url(), -1));
+    let r = Router::start_with(&cfg, Options { wasm: Wasm::Fault, ..Options::default() });
+    assert_eq!(r.chat("gpt-4o").status, 200, "the fault build serves normally without the header");
+    a.mock.reset_stats();
+
+    for round in 0..2 {
+        // With and without a valid key: the trap never becomes a pass-through.
+        for req in [
+            Request::chat(MASTER, "gpt-4o").header("x-auto-ai-router-fault", "trap"),
+            Request::chat("sk-not-the-key", "gpt-4o").header("x-auto-ai-router-fault", "trap"),
+            Request::post("/v1/chat/completions").header("x-auto-ai-router-fault", "trap").body("{\"model\":\"gpt-4o\"}"),
+        ] {
+            match req.send(r.addr) {
+                Ok(x) => assert!((500..600).contains(&x.status), "round {round}: a trap gave {}", x.describe()),
+                Err(e) => panic!("round {round}: a trap closed the connection without a reply ({e}); expected a 5xx"),
+            }
+            assert_eq!(api_log(&a).len(), 0, "round {round}: a trapped request reached the provider");
+        }
+        // Until each worker's VM is reloaded: refused (5xx) with or without a key, never
+        // forwarded. Fresh connections land on either worker; wait for 4 good pairs in a row.
+        let start = Instant::now();
+        let (mut refused, mut served, mut good_in_a_row) = (0, 0, 0);
+        while good_in_a_row < 4 {
+            let unauth = r.send(&Request::post("/v1/chat/completions").body("{\"model\":\"gpt-4o\"}"));
+            let ok = r.chat("gpt-4o");
+            for x in [&unauth, &ok] {
+                assert!(
+                    (500..600).contains(&x.status) || x.status == 401 && std::ptr::eq(x, &unauth) || x.status == 200 && std::ptr::eq(x, &ok),
+                    "round {round}: {}",
+                    x.describe()
+                );
+            }
+            served += (ok.status == 200) as usize;
+            refused += (ok.status != 200) as usize + (unauth.status != 401) as usize;
+            good_in_a_row = if ok.status == 200 && unauth.status == 401 { good_in_a_row + 1 } else { 0 };
+            assert_eq!(api_log(&a).len(), served, "round {round}: a refused request reached the provider");
+            assert!(start.elapsed() < RECOVERY_BOUND, "round {round}: still failing after {RECOVERY_BOUND:?} ({refused} refused)");
+            if good_in_a_row == 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        eprintln!("round {round}: served again after {:?} ({refused} refused in the reload window)", start.elapsed());
+        a.mock.reset_stats();
+        // Served normally, auth still enforced, on both workers (several fresh connections).
+        for _ in 0..6 {
+            assert_eq!(r.chat("gpt-4o").status, 200, "round {round}");
+            let denied = r.send(&Request::chat("sk-not-the-key", "gpt-4o"));
+            assert_eq!((denied.status, denied.error_code().as_deref()), (401, Some("invalid_api_key")), "round {round}: {}", denied.describe());
+        }
+        let log = api_log(&a);
+        assert_eq!(log.len(), 6, "round {round}: only the authorised requests reached the provider");
+        assert!(log.iter().all(|e| e.key == "sk-fault-a-0000"));
+        a.mock.reset_stats();
+    }
+    assert_eq!(r.health().0, 200);
+}
