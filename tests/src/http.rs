@@ -107,7 +107,12 @@ impl Request {
     }
 
     fn head_bytes(&self, addr: SocketAddr) -> Vec<u8> {
-        let mut out = format!("{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n", self.method, self.path).into_bytes();
+        self.head_bytes_with(addr, true)
+    }
+
+    fn head_bytes_with(&self, addr: SocketAddr, close: bool) -> Vec<u8> {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        let mut out = format!("{} {} HTTP/1.1\r\nHost: {addr}\r\n{connection}", self.method, self.path).into_bytes();
         for (k, v) in &self.headers {
             out.extend_from_slice(k.as_bytes());
             out.extend_from_slice(b": ");
@@ -187,6 +192,53 @@ impl Request {
         let mut r = parse_response(&raw)?;
         r.elapsed = start.elapsed();
         Ok((r, reads))
+    }
+}
+
+/// A keep-alive connection for load tests: requests go one after another on one TCP connection,
+/// reconnecting when the server closed it.
+pub struct Conn {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+}
+
+impl Conn {
+    pub fn new(addr: SocketAddr) -> Conn {
+        Conn { addr, stream: None }
+    }
+
+    /// Sends `req` (without `Connection: close`; chunked uploads not supported) and reads one response.
+    pub fn send(&mut self, req: &Request) -> std::io::Result<Response> {
+        let start = Instant::now();
+        if self.stream.is_none() {
+            self.stream = Some(connect(self.addr)?);
+        }
+        let s = self.stream.as_mut().unwrap();
+        let mut bytes = req.head_bytes_with(self.addr, false);
+        if let Some(b) = &req.body {
+            bytes.extend_from_slice(b);
+        }
+        let result = s.write_all(&bytes).and_then(|_| {
+            let (raw, rr) = read_response(s);
+            if !complete(&raw) {
+                rr?;
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
+            }
+            parse_response(&raw)
+        });
+        match result {
+            Ok(mut r) => {
+                if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                    self.stream = None;
+                }
+                r.elapsed = start.elapsed();
+                Ok(r)
+            }
+            Err(e) => {
+                self.stream = None;
+                Err(e)
+            }
+        }
     }
 }
 
