@@ -123,6 +123,9 @@ pub fn wasm_filter(name: &str, root_id: &str, configuration: &str, wasm_path: &s
                     "value": configuration,
                 },
                 "failure_policy": FAILURE_POLICY,
+                // After a trap, reload the VM quickly (Envoy's default waits 1 s, failing every
+                // request on that worker meanwhile); repeated crashes back off up to 10 s.
+                "reload_config": {"backoff": {"base_interval": "0.05s", "max_interval": "10s"}},
                 "allow_on_headers_stop_iteration": true,
             }
         }
@@ -231,7 +234,7 @@ fn access_log() -> Value {
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
             "log_format": {"text_format_source": {"inline_string":
-                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% credential=%UPSTREAM_CLUSTER% %BYTES_RECEIVED%B>%BYTES_SENT%B %DURATION%ms\n"
+                "[%START_TIME%] \"%REQ(:METHOD)% %PATH(NQ:ORIG_OR_PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% credential=%UPSTREAM_CLUSTER% %BYTES_RECEIVED%B>%BYTES_SENT%B %DURATION%ms\n"
             }},
         }
     }])

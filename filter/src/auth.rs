@@ -29,18 +29,19 @@ impl AuthError {
 }
 
 /// The auth scheme is case-insensitive (RFC 9110 §11.1); exactly one space separates the token,
-/// which must not be empty. Anything else in the token is compared as given.
-pub fn check(header: Option<&str>, master_key: &str) -> Result<(), AuthError> {
+/// which must not be empty. The token is compared byte for byte (a non-UTF-8 token is a wrong key).
+pub fn check(header: Option<&[u8]>, master_key: &str) -> Result<(), AuthError> {
     let value = match header {
         None => return Err(AuthError::Missing),
-        Some(v) if v.trim().is_empty() => return Err(AuthError::Missing),
+        Some(v) if v.trim_ascii().is_empty() => return Err(AuthError::Missing),
         Some(v) => v,
     };
-    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+    let space = value.iter().position(|b| *b == b' ').ok_or(AuthError::Malformed)?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.trim_ascii().is_empty() {
         return Err(AuthError::Malformed);
     }
-    if bool::from(token.as_bytes().ct_eq(master_key.as_bytes())) {
+    if bool::from(token.ct_eq(master_key.as_bytes())) {
         Ok(())
     } else {
         Err(AuthError::WrongKey)
@@ -55,16 +56,17 @@ mod tests {
     fn three_distinct_failures() {
         let k = "sk-master";
         assert_eq!(check(None, k), Err(AuthError::Missing));
-        assert_eq!(check(Some(""), k), Err(AuthError::Missing));
-        assert_eq!(check(Some("Basic c2s="), k), Err(AuthError::Malformed));
-        assert_eq!(check(Some("sk-master"), k), Err(AuthError::Malformed));
-        assert_eq!(check(Some("Bearer "), k), Err(AuthError::Malformed));
-        assert_eq!(check(Some("Bearer sk-other"), k), Err(AuthError::WrongKey));
-        assert_eq!(check(Some("Bearer sk-maste"), k), Err(AuthError::WrongKey), "a prefix is not the key");
-        assert_eq!(check(Some("Bearer sk-master2"), k), Err(AuthError::WrongKey));
-        assert_eq!(check(Some("Bearer  sk-master"), k), Err(AuthError::WrongKey), "two spaces: the token starts with one");
-        assert_eq!(check(Some("Bearer sk-master"), k), Ok(()));
-        assert_eq!(check(Some("bearer sk-master"), k), Ok(()));
+        assert_eq!(check(Some("".as_bytes()), k), Err(AuthError::Missing));
+        assert_eq!(check(Some("Basic c2s=".as_bytes()), k), Err(AuthError::Malformed));
+        assert_eq!(check(Some("sk-master".as_bytes()), k), Err(AuthError::Malformed));
+        assert_eq!(check(Some("Bearer ".as_bytes()), k), Err(AuthError::Malformed));
+        assert_eq!(check(Some("Bearer sk-other".as_bytes()), k), Err(AuthError::WrongKey));
+        assert_eq!(check(Some("Bearer sk-maste".as_bytes()), k), Err(AuthError::WrongKey), "a prefix is not the key");
+        assert_eq!(check(Some("Bearer sk-master2".as_bytes()), k), Err(AuthError::WrongKey));
+        assert_eq!(check(Some("Bearer  sk-master".as_bytes()), k), Err(AuthError::WrongKey), "two spaces: the token starts with one");
+        assert_eq!(check(Some("Bearer sk-master".as_bytes()), k), Ok(()));
+        assert_eq!(check(Some("bearer sk-master".as_bytes()), k), Ok(()));
+        assert_eq!(check(Some(b"Bearer sk-mas\xfftr"), k), Err(AuthError::WrongKey), "non-UTF-8 is a wrong key");
         let messages = [AuthError::Missing, AuthError::Malformed, AuthError::WrongKey].map(AuthError::message);
         assert!(messages[0] != messages[1] && messages[1] != messages[2]);
         assert!(!messages.iter().any(|m| m.contains(k)));

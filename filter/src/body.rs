@@ -30,10 +30,12 @@ impl BodyError {
         }
     }
 
-    pub fn param(&self) -> Option<&'static str> {
+    /// The OpenAI-style error code.
+    pub fn code(&self) -> &'static str {
         match self {
-            BodyError::NotJson(_) | BodyError::NotObject => None,
-            _ => Some("model"),
+            BodyError::NotJson(_) | BodyError::NotObject => "invalid_json",
+            BodyError::MissingModel => "missing_model",
+            BodyError::ModelNotString | BodyError::DuplicateModel | BodyError::ModelTooLong => "invalid_model",
         }
     }
 }

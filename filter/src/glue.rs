@@ -453,8 +453,7 @@ impl HttpContext for Http {
             _ => {}
         }
         let authorization = self.get_http_request_header_bytes("authorization");
-        let authorization = authorization.as_deref().map(|b| std::str::from_utf8(b).unwrap_or("\u{0}"));
-        if let Err(e) = auth::check(authorization, &rt.cfg.server.master_key) {
+        if let Err(e) = auth::check(authorization.as_deref(), &rt.cfg.server.master_key) {
             return self.reply(401, e.message(), Some(e.code()), "auth", &[]);
         }
         match route {
@@ -472,7 +471,8 @@ impl HttpContext for Http {
                 }
             }
             Route::Inference if end_of_stream => {
-                self.reply(400, body::BodyError::MissingModel.message().as_str(), Some("missing_model"), "bad_request", &[])
+                let e = body::BodyError::MissingModel;
+                self.reply(400, &e.message(), Some(e.code()), "bad_request", &[])
             }
             Route::Inference => {
                 self.awaiting_body = true;
@@ -499,10 +499,7 @@ impl HttpContext for Http {
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         match body::extract_model(&body) {
             Ok(model) => self.route_to(&rt, Some(model)),
-            Err(e) => {
-                let code = if e.param().is_some() { "invalid_model" } else { "invalid_json" };
-                self.reply(400, &e.message(), Some(code), "bad_request", &[])
-            }
+            Err(e) => self.reply(400, &e.message(), Some(e.code()), "bad_request", &[]),
         }
     }
 

@@ -54,7 +54,7 @@ proptest! {
 
     #[test]
     fn auth_any_header(header in any::<String>()) {
-        let ok = auth::check(Some(&header), "sk-master").is_ok();
+        let ok = auth::check(Some(header.as_bytes()), "sk-master").is_ok();
         let expected = header.len() == 16
             && header.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
             && header.get(7..) == Some("sk-master");
