@@ -25,19 +25,8 @@ pub const INFERENCE: [&str; 6] = [
     "/v1/audio/speech",
 ];
 
-/// Endpoints that get their own metric label; everything else is "other" (labels stay bounded).
-const LABELLED: [&str; 10] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/images/generations",
-    "/v1/audio/speech",
-    "/v1/audio/transcriptions",
-    "/v1/moderations",
-    "/v1/models",
-    "/health",
-];
+/// Further endpoints with their own metric label; everything else is "other" (labels stay bounded).
+const LABELLED: [&str; 4] = ["/v1/audio/transcriptions", "/v1/moderations", "/v1/models", "/health"];
 
 pub fn path_only(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or("")
@@ -84,7 +73,7 @@ pub fn label(path: &str) -> &'static str {
     if p.starts_with("/v1/models/") {
         return "/v1/models";
     }
-    LABELLED.iter().find(|l| **l == p).copied().unwrap_or("other")
+    INFERENCE.iter().chain(LABELLED.iter()).find(|l| **l == p).copied().unwrap_or("other")
 }
 
 #[cfg(test)]
