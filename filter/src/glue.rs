@@ -8,7 +8,7 @@ use crate::config::{self, Config, LogLevel as CfgLevel};
 use crate::endpoints::{self, Route};
 use crate::errors;
 use crate::fail2ban::BanEvent;
-use crate::metrics::{self, stat_name};
+use crate::metrics::{self, FxBuildHasher};
 use crate::models_index::{self, ModelIndex};
 use crate::store::{cas_update, CasMismatch, SharedStore};
 use proxy_wasm::hostcalls;
@@ -72,8 +72,25 @@ fn log_at(configured: CfgLevel, level: CfgLevel, message: impl FnOnce() -> Strin
 struct Runtime {
     cfg: Config,
     index: RefCell<ModelIndex>,
-    metric_ids: RefCell<HashMap<String, u32>>,
+    metric_ids: RefCell<HashMap<String, u32, FxBuildHasher>>,
+    /// Scratch buffer for stat names (no allocation per metric).
+    name_buf: RefCell<String>,
+    /// Ids of the per-request series by their label values, so the request path neither builds
+    /// nor hashes stat names (their values are the ids `metric` returns for those names).
+    hot_ids: RefCell<HashMap<HotKey, u32, FxBuildHasher>>,
+    /// `auto_ai_router_model_requests_total` ids: model label → id per credential index.
+    model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
+    /// `Bearer <api_key>` per credential, built once.
+    bearer: Vec<String>,
     model_labels: RefCell<usize>,
+}
+
+/// A per-request series: credential index plus the other label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum HotKey {
+    RpmCurrent(usize),
+    Requests(usize, &'static str, u16),
+    Duration(usize, &'static str),
 }
 
 impl Runtime {
@@ -82,13 +99,54 @@ impl Runtime {
     }
 
     fn metric(&self, kind: MetricType, base: &str, labels: &[(&str, &str)]) -> Option<u32> {
-        let name = stat_name(base, labels);
-        if let Some(id) = self.metric_ids.borrow().get(&name) {
+        let mut name = self.name_buf.borrow_mut();
+        name.clear();
+        metrics::write_stat_name(&mut name, base, labels);
+        if let Some(id) = self.metric_ids.borrow().get(name.as_str()) {
             return Some(*id);
         }
         let id = hostcalls::define_metric(kind, &name).ok()?;
-        self.metric_ids.borrow_mut().insert(name, id);
+        self.metric_ids.borrow_mut().insert(name.clone(), id);
         Some(id)
+    }
+
+    /// The id of a per-request series: from `hot_ids`, else defined through `metric`.
+    fn hot_metric(&self, key: HotKey) -> Option<u32> {
+        if let Some(id) = self.hot_ids.borrow().get(&key) {
+            return Some(*id);
+        }
+        let name = |i: usize| self.cfg.credentials[i].name.as_str();
+        let id = match key {
+            HotKey::RpmCurrent(i) => self.metric(MetricType::Gauge, metrics::CREDENTIAL_RPM_CURRENT, &[("credential", name(i))]),
+            HotKey::Requests(i, endpoint, status) => {
+                let status = status.to_string();
+                let labels = [("credential", name(i)), ("endpoint", endpoint), ("status", status.as_str())];
+                self.metric(MetricType::Counter, metrics::REQUESTS_TOTAL, &labels)
+            }
+            HotKey::Duration(i, endpoint) => {
+                self.metric(MetricType::Histogram, metrics::REQUEST_DURATION, &[("credential", name(i)), ("endpoint", endpoint)])
+            }
+        }?;
+        self.hot_ids.borrow_mut().insert(key, id);
+        Some(id)
+    }
+
+    fn count_model(&self, index: usize, model: &str) {
+        let cached = self.model_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let labels = [("credential", self.cfg.credentials[index].name.as_str()), ("model", model)];
+                let Some(id) = self.metric(MetricType::Counter, metrics::MODEL_REQUESTS_TOTAL, &labels) else { return };
+                let mut ids = self.model_ids.borrow_mut();
+                let per = ids.entry(model.to_string()).or_insert_with(|| vec![None; self.cfg.credentials.len()]);
+                if let Some(slot) = per.get_mut(index) {
+                    *slot = Some(id);
+                }
+                id
+            }
+        };
+        let _ = hostcalls::increment_metric(id, 1);
     }
 
     fn count(&self, base: &str, labels: &[(&str, &str)]) {
@@ -99,12 +157,6 @@ impl Runtime {
 
     fn gauge(&self, base: &str, labels: &[(&str, &str)], value: u64) {
         if let Some(id) = self.metric(MetricType::Gauge, base, labels) {
-            let _ = hostcalls::record_metric(id, value);
-        }
-    }
-
-    fn histogram(&self, base: &str, labels: &[(&str, &str)], value: u64) {
-        if let Some(id) = self.metric(MetricType::Histogram, base, labels) {
             let _ = hostcalls::record_metric(id, value);
         }
     }
@@ -296,10 +348,15 @@ impl RootContext for Root {
             let creds: Vec<String> = cfg.credentials.iter().map(|c| format!("{} ({}, key {})", c.name, c.base_url, config::mask(&c.api_key))).collect();
             format!("auto-ai-router: configured {} credentials: {}", creds.len(), creds.join(", "))
         });
+        let bearer = cfg.credentials.iter().map(|c| format!("Bearer {}", c.api_key)).collect();
         self.rt = Some(Rc::new(Runtime {
             cfg,
             index: RefCell::new(ModelIndex::default()),
-            metric_ids: RefCell::new(HashMap::new()),
+            metric_ids: RefCell::new(HashMap::default()),
+            name_buf: RefCell::new(String::new()),
+            hot_ids: RefCell::new(HashMap::default()),
+            model_ids: RefCell::new(HashMap::default()),
+            bearer,
             model_labels: RefCell::new(0),
         }));
         self.set_tick_period(Duration::from_secs(1));
@@ -370,7 +427,7 @@ impl Http {
         match selection {
             Selection::Chosen { index, rpm_current } => {
                 let cred = &rt.cfg.credentials[index];
-                self.set_http_request_header("authorization", Some(&format!("Bearer {}", cred.api_key)));
+                self.set_http_request_header("authorization", Some(&rt.bearer[index]));
                 self.set_http_request_header(":authority", Some(&cred.authority));
                 if !cred.path_prefix.is_empty() {
                     let path = format!("{}{}", cred.path_prefix, self.path);
@@ -379,7 +436,9 @@ impl Http {
                 self.set_http_request_header(CLUSTER_HEADER, Some(&cred.name));
                 let _ = hostcalls::call_foreign_function("clear_route_cache", None);
                 if rpm_current > 0 {
-                    rt.gauge(metrics::CREDENTIAL_RPM_CURRENT, &[("credential", &cred.name)], rpm_current as u64);
+                    if let Some(id) = rt.hot_metric(HotKey::RpmCurrent(index)) {
+                        let _ = hostcalls::record_metric(id, rpm_current as u64);
+                    }
                 }
                 rt.log(CfgLevel::Debug, || format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name));
                 self.chosen = Some(index);
@@ -525,11 +584,11 @@ impl HttpContext for Http {
                 format!("auto-ai-router: credential {} banned {until} after {} errors (last status {counted})", cred.name, rt.cfg.fail2ban.max_attempts)
             });
         }
-        let status_label = counted.to_string();
-        rt.count(metrics::REQUESTS_TOTAL, &[("credential", &cred.name), ("endpoint", self.endpoint), ("status", &status_label)]);
+        if let Some(id) = rt.hot_metric(HotKey::Requests(index, self.endpoint, counted)) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
         if let Some(model) = &self.model {
-            let model = rt.model_label(model);
-            rt.count(metrics::MODEL_REQUESTS_TOTAL, &[("credential", &cred.name), ("model", model)]);
+            rt.count_model(index, rt.model_label(model));
         }
         Action::Continue
     }
@@ -537,8 +596,9 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         if let (Some(rt), Some(index), true) = (&self.rt, self.chosen, self.responded) {
             let elapsed = now_ms().saturating_sub(self.start_ms);
-            let name = rt.cfg.credentials[index].name.as_str();
-            rt.histogram(metrics::REQUEST_DURATION, &[("credential", name), ("endpoint", self.endpoint)], elapsed);
+            if let Some(id) = rt.hot_metric(HotKey::Duration(index, self.endpoint)) {
+                let _ = hostcalls::record_metric(id, elapsed);
+            }
         }
     }
 }

@@ -14,22 +14,76 @@ pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";
 pub const LABELS: [&str; 5] = ["credential", "endpoint", "status", "model", "reason"];
 
 /// Characters that would break tag extraction are replaced.
-fn clean(value: &str) -> String {
-    value.chars().map(|c| if c == ';' || c == '=' || c.is_control() { '_' } else { c }).collect()
+fn push_clean(out: &mut String, value: &str) {
+    // Fast path (the usual case): printable ASCII without `;` or `=` is copied as is.
+    if value.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b';' && b != b'=') {
+        out.push_str(value);
+        return;
+    }
+    out.extend(value.chars().map(|c| if c == ';' || c == '=' || c.is_control() { '_' } else { c }));
+}
+
+/// Appends the stat name for `base` with `labels` to `out` (the request path reuses one buffer).
+pub fn write_stat_name(out: &mut String, base: &str, labels: &[(&str, &str)]) {
+    out.reserve(base.len() + 48 * labels.len());
+    out.push_str(base);
+    for (k, v) in labels {
+        out.push('.');
+        out.push_str(k);
+        out.push_str("=.=");
+        push_clean(out, v);
+        out.push_str(";.;");
+    }
 }
 
 pub fn stat_name(base: &str, labels: &[(&str, &str)]) -> String {
-    let mut name = String::with_capacity(base.len() + 48 * labels.len());
-    name.push_str(base);
-    for (k, v) in labels {
-        name.push('.');
-        name.push_str(k);
-        name.push_str("=.=");
-        name.push_str(&clean(v));
-        name.push_str(";.;");
-    }
+    let mut name = String::new();
+    write_stat_name(&mut name, base, labels);
     name
 }
+
+/// FxHash (rustc's hasher) for the per-worker metric-id cache: keys are our own bounded stat
+/// names, so a keyed SipHash buys nothing and costs several times more per lookup.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0u8; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(buf));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(i as u64);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+pub type FxBuildHasher = std::hash::BuildHasherDefault<FxHasher>;
 
 /// The Envoy `stats_tags` regex that extracts label `key` from a name made by `stat_name`.
 pub fn tag_regex(key: &str) -> String {
@@ -47,5 +101,10 @@ mod tests {
             "auto_ai_router_requests_total.credential=.=a;.;.status=.=200;.;"
         );
         assert_eq!(stat_name("x", &[("model", "we;ird=m")]), "x.model=.=we_ird_m;.;");
+        assert_eq!(stat_name("x", &[("model", "a\tb\u{7f}c\u{85}é")]), "x.model=.=a_b_c_é;.;");
+        let mut buf = String::from("stale");
+        buf.clear();
+        write_stat_name(&mut buf, REQUESTS_TOTAL, &[("credential", "a"), ("status", "200")]);
+        assert_eq!(buf, stat_name(REQUESTS_TOTAL, &[("credential", "a"), ("status", "200")]));
     }
 }

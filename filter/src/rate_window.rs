@@ -62,24 +62,34 @@ impl Window {
         }
     }
 
+    fn encoded_len(&self) -> usize {
+        1 + 8 * self.buckets.len()
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
         out.push(self.buckets.len() as u8);
         for (s, c) in &self.buckets {
-            out.extend_from_slice(&s.to_le_bytes());
-            out.extend_from_slice(&c.to_le_bytes());
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&s.to_le_bytes());
+            b[4..].copy_from_slice(&c.to_le_bytes());
+            out.extend_from_slice(&b);
         }
     }
 
+    /// This runs on every admission (the whole record is read and rewritten): one bounds check
+    /// for all buckets, then 8-byte chunks.
     fn decode(input: &mut &[u8]) -> Option<Window> {
         let n = take(input, 1)?[0] as usize;
         if n > WINDOW_SECS as usize {
             return None;
         }
+        let raw = take(input, 8 * n)?;
         let mut buckets = Vec::with_capacity(n);
-        let mut prev = None;
-        for _ in 0..n {
-            let s = u32::from_le_bytes(take(input, 4)?.try_into().ok()?);
-            let c = u32::from_le_bytes(take(input, 4)?.try_into().ok()?);
+        let mut prev: Option<u32> = None;
+        for b in raw.chunks_exact(8) {
+            let s = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let c = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
             if c == 0 || prev.is_some_and(|p| p >= s) {
                 return None;
             }
@@ -168,7 +178,8 @@ impl RateRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + 8 * self.credential.buckets.len());
+        let names: usize = self.models.iter().map(|(m, w)| 2 + m.len().min(u16::MAX as usize) + w.encoded_len()).sum();
+        let mut out = Vec::with_capacity(1 + self.credential.encoded_len() + 2 + names);
         out.push(VERSION);
         self.credential.encode(&mut out);
         out.extend_from_slice(&(self.models.len() as u16).to_le_bytes());
