@@ -1,0 +1,597 @@
+#!/usr/bin/env python3
+"""`make bench-envoy`: the router filter's cost against plain Envoy and the direct path.
+
+On 127.0.0.1 only: one mock OpenAI provider (optimised build), wrk with bench/post.lua, and two Envoys
+running side by side from one rendered bootstrap:
+
+  1 direct  wrk -> mock
+  2 plain   wrk -> Envoy, same listener/clusters, no wasm; a static rewrite (authorization swap,
+            host rewrite, one cluster) in the route
+  3 router  wrk -> Envoy + the router filter (2 credentials, RPM on but not limiting, fail2ban on,
+            model-aware routing on)
+
+plus the streaming case (SSE, 20 chunks, no delay) for 2 and 3. Cases run in interleaved rounds
+(1 2 3 2s 3s, 1 2 3 2s 3s, ...) and the report takes the median over rounds; ratios and added
+latencies are taken per round (adjacent runs) and then the median.
+
+The router's bootstrap comes from `auto-ai-router render`; the plain one is the same bootstrap as
+Envoy loaded it (admin /config_dump) with the wasm filter removed and the route made static, so the
+two differ only in the filter.
+
+Environment (all optional): BENCH_CONCURRENCY (Envoy --concurrency, 2), BENCH_ROUNDS (3),
+BENCH_DURATION (seconds per run, 5), BENCH_WARMUP (seconds, 2), BENCH_CONNECTIONS (32),
+BENCH_THREADS (wrk threads, 2), BENCH_MOCK_WORKERS (2), BENCH_ACCESS_LOG (off), BENCH_LOG_LEVEL
+(router logging_level, info), BENCH_CASES (comma list of direct,plain,router,plain_sse,router_sse),
+BENCH_OUT (target/bench/report.md), BENCH_WASM (filter.wasm), BENCH_BIN_DIR (where the mock and the
+CLI are, target/bench-tools), BENCH_LABEL (a note in the report),
+BENCH_CHECK_KEYS (0 skips the router's model-list wait and the check that it uses both keys, for
+stripped-down test builds),
+BENCH_PERF (case names, comma-separated: `perf record -e cpu-clock` on that case's Envoy during its runs, written to
+target/bench/work/perf-CASE.data; read it with `perf report -i ... --sort dso`).
+Python 3.11 standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "target" / "bench" / "work"
+
+
+def env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else default
+
+
+CONCURRENCY = env_int("BENCH_CONCURRENCY", 2)
+ROUNDS = max(1, env_int("BENCH_ROUNDS", 3))
+DURATION = max(1, env_int("BENCH_DURATION", 5))
+WARMUP = max(0, env_int("BENCH_WARMUP", 2))
+CONNECTIONS = env_int("BENCH_CONNECTIONS", 32)
+THREADS = max(1, min(env_int("BENCH_THREADS", 2), CONNECTIONS))
+MOCK_WORKERS = env_int("BENCH_MOCK_WORKERS", 2)
+ACCESS_LOG = os.environ.get("BENCH_ACCESS_LOG", "off")
+LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "info")
+OUT = Path(os.environ.get("BENCH_OUT") or ROOT / "target" / "bench" / "report.md")
+WASM = Path(os.environ.get("BENCH_WASM") or ROOT / "target" / "wasm32-wasip1" / "release" / "filter.wasm")
+LABEL = os.environ.get("BENCH_LABEL", "")
+PERF = os.environ.get("BENCH_PERF", "")
+# Native tools: the `bench-tools` profile (optimised, no LTO; see the root Cargo.toml).
+BIN_DIR = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "bench-tools")
+CLI = BIN_DIR / "auto-ai-router"
+MOCK = BIN_DIR / "mock-provider"
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+LUA = ROOT / "bench" / "post.lua"
+HOSTSIM = ROOT / "target" / "bench" / "hostsim.md"
+
+MASTER = "sk-bench-master-key"
+KEYS = {"bench_a": "sk-bench-a-provider-key", "bench_b": "sk-bench-b-provider-key"}
+DIRECT_KEY = "sk-bench-direct-key"
+MODEL = "gpt-4o-mini"
+CLUSTER_HEADER = "x-auto-ai-router-cluster"
+
+ALL_CASES = ["direct", "plain", "router", "plain_sse", "router_sse", "plain_1c", "router_1c"]
+TITLES = {
+    "direct": "1 direct to the mock",
+    "plain": "2 plain Envoy (static rewrite, no wasm)",
+    "router": "3 Envoy + router filter",
+    "plain_sse": "2 plain Envoy, SSE 20 chunks",
+    "router_sse": "3 Envoy + router filter, SSE 20 chunks",
+    "plain_1c": "2 plain Envoy, 1 connection",
+    "router_1c": "3 Envoy + router filter, 1 connection",
+}
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+class Procs:
+    """Every process this script starts; all are stopped in `stop_all` (also on failure)."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        logf = open(WORK / f"{name}.log", "wb")
+        p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=WORK)
+        logf.close()
+        self.procs.append((name, p))
+        return p
+
+    def stop_all(self) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 10
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        self.procs.clear()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 5):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_until(what: str, check, proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"{what}: process exited with {proc.returncode} (see {WORK})")
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{what}: not ready after {timeout:.0f} s (see {WORK})")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- setup
+
+def write_router_config(mock_port: int) -> Path:
+    creds = "\n".join(
+        f"""  - name: {name}
+    api_key: "{key}"
+    base_url: "http://127.0.0.1:{mock_port}"
+    rpm: 10000000"""
+        for name, key in KEYS.items()
+    )
+    text = f"""# make bench: two credentials on one mock; RPM on but far from limiting; fail2ban on.
+server:
+  port: 8080
+  master_key: "{MASTER}"
+  logging_level: {LOG_LEVEL}
+  replace_v1_models: true
+  request_timeout: 5m
+  default_models_rpm: 10000000
+  max_body_size_mb: 100
+credentials:
+{creds}
+fail2ban:
+  max_attempts: 3
+  ban_duration: 5m
+  error_codes: [401, 403, 429, 500, 502, 503, 504]
+"""
+    path = WORK / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def render_router(config: Path, port: int, admin_port: int) -> tuple[Path, dict, list[str]]:
+    out = WORK / "router.yaml"
+    env_file = WORK / "router.env"
+    r = subprocess.run(
+        [str(CLI), "render", "--config", str(config), "--wasm", str(WASM), "--out", str(out),
+         "--listen", f"127.0.0.1:{port}", "--admin-port", str(admin_port), "--access-log", ACCESS_LOG,
+         "--env-file", str(env_file)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if r.returncode != 0:
+        raise BenchError(f"auto-ai-router render failed:\n{r.stdout}{r.stderr}")
+    env = {}
+    for line in env_file.read_text().splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            env[k] = v
+    # "Start: envoy -c FILE ARGS..." tells the extra Envoy arguments (the wasm log level).
+    m = re.search(r"^Start: envoy -c \S+ ?(.*)$", r.stderr, re.M)
+    extra = m.group(1).split() if m else []
+    return out, env, extra
+
+
+def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: int) -> Path:
+    """The router's bootstrap as Envoy loaded it, minus the wasm filter, with a static route."""
+    status, body = http("GET", f"http://127.0.0.1:{router_admin}/config_dump")
+    if status != 200:
+        raise BenchError(f"router Envoy /config_dump: {status}")
+    dump = json.loads(body)
+    boot = next(c["bootstrap"] for c in dump["configs"] if c["@type"].endswith("BootstrapConfigDump"))
+    node = boot.get("node", {})
+    boot["node"] = {"id": node.get("id", "bench-plain"), "cluster": node.get("cluster", "bench-plain")}
+    boot["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    first = next(iter(KEYS))
+    rewrites = 0
+    for listener in boot["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = port
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f["typed_config"]
+                if "http_filters" not in hcm:
+                    continue
+                hcm["http_filters"] = [
+                    h for h in hcm["http_filters"] if "filters.http.wasm" not in h.get("typed_config", {}).get("@type", "")
+                ]
+                for vh in hcm["route_config"]["virtual_hosts"]:
+                    for route in vh["routes"]:
+                        route.pop("typed_per_filter_config", None)
+                        action = route.get("route")
+                        if action and action.pop("cluster_header", None):
+                            # What the router does for one credential, as static config.
+                            action["cluster"] = first
+                            action["host_rewrite_literal"] = f"127.0.0.1:{mock_port}"
+                            route["request_headers_to_add"] = [{
+                                "header": {"key": "authorization", "value": f"Bearer {KEYS[first]}"},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }]
+                            route["request_headers_to_remove"] = ["x-api-key", CLUSTER_HEADER]
+                            rewrites += 1
+    if rewrites == 0:
+        raise BenchError("plain bootstrap: no cluster_header route found in the router's bootstrap")
+    path = WORK / "plain.json"
+    path.write_text(json.dumps(boot, indent=1))
+    return path
+
+
+def envoy_argv(bootstrap: Path, extra: list[str]) -> list[str]:
+    return [str(ENVOY), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency", str(CONCURRENCY),
+            "--log-level", "warning", *extra]
+
+
+def chat_body(stream: bool) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+
+
+def check_target(name: str, port: int, key: str, stream: bool) -> None:
+    status, body = http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", chat_body(stream),
+                        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    if status != 200:
+        raise BenchError(f"{name}: sanity request got {status}: {body[:300]!r}")
+    if stream and b"[DONE]" not in body:
+        raise BenchError(f"{name}: SSE reply has no [DONE]: {body[:300]!r}")
+
+
+# ---------------------------------------------------------------- wrk
+
+def run_wrk(port: int, key: str, stream: bool, seconds: int, connections: int = 0) -> dict:
+    env = dict(os.environ, BENCH_KEY=key, BENCH_STREAM="1" if stream else "0", BENCH_MODEL=MODEL)
+    conns = connections or CONNECTIONS
+    argv = ["wrk", "-t", str(min(THREADS, conns)), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s",
+            "-s", str(LUA), f"http://127.0.0.1:{port}"]
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 60)
+    m = re.search(r"^BENCHJSON (\{.*\})$", r.stdout, re.M)
+    if r.returncode != 0 or not m:
+        raise BenchError(f"wrk failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    d = json.loads(m.group(1))
+    d["rps"] = d["requests"] / (d["duration_us"] / 1e6) if d["duration_us"] else 0.0
+    d["errors"] = d["connect"] + d["read"] + d["write"] + d["status"] + d["timeout"]
+    return d
+
+
+# ---------------------------------------------------------------- memory
+
+def wasm_memory(pid: int) -> list[tuple[int, int]]:
+    """(committed KiB, resident KiB) of each wasm linear memory in the process: V8 reserves a huge
+    (8 GiB + guard) PROT_NONE region per memory and commits the live pages at its start."""
+    maps: list[list] = []
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ", line)
+                if m:
+                    maps.append([int(m[1], 16), int(m[2], 16), m[3], 0])
+                elif line.startswith("Rss:") and maps:
+                    maps[-1][3] = int(line.split()[1])
+    except OSError:
+        return []
+    out = []
+    for a, b in zip(maps, maps[1:]):
+        if a[2] == "rw-p" and b[2] == "---p" and a[1] == b[0] and (b[1] - b[0]) >= (4 << 30):
+            out.append(((a[1] - a[0]) // 1024, a[3]))
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def admin_stats(port: int, pattern: str) -> dict[str, str]:
+    status, body = http("GET", f"http://127.0.0.1:{port}/stats?filter={pattern}")
+    out = {}
+    if status == 200:
+        for line in body.decode().splitlines():
+            k, _, v = line.partition(": ")
+            out[k] = v
+    return out
+
+
+def tcmalloc_allocated(port: int) -> int:
+    status, body = http("GET", f"http://127.0.0.1:{port}/memory")
+    return int(json.loads(body).get("allocated", 0)) if status == 200 else 0
+
+
+# ---------------------------------------------------------------- report
+
+def ms(us: float) -> str:
+    return f"{us / 1000:.2f} ms"
+
+
+def signed_us(us: float) -> str:
+    return f"{'+' if us >= 0 else '−'}{abs(us):.0f} µs"
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def build_report(results: dict, cases: list[str], meta: dict) -> str:
+    L = []
+    L.append("# make bench: the router filter against plain Envoy and the direct path\n")
+    L.append(
+        f"Envoy {meta['envoy_version']}, `--concurrency {CONCURRENCY}`; wrk {THREADS} threads, {CONNECTIONS} connections "
+        f"(1 in the 1-connection rows), "
+        f"{DURATION} s per run, {ROUNDS} interleaved rounds (medians); `POST /v1/chat/completions` with a "
+        f"{meta['body_bytes']} B JSON body; mock provider (optimised build, {MOCK_WORKERS} workers); all on 127.0.0.1, "
+        f"{meta['cpus']} CPUs shared by wrk, Envoy and the mock (load average before: {meta['load']}). "
+        f"Access log {ACCESS_LOG}; router `logging_level: {LOG_LEVEL}`.{(' ' + LABEL) if LABEL else ''}\n"
+    )
+    L.append("| case | RPS | p50 | p99 | Envoy CPU per request | errors |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for c in cases:
+        runs = results[c]
+        cpu = [r["cpu_us"] for r in runs if r.get("cpu_us") is not None]
+        L.append(
+            f"| {TITLES[c]} | {median([r['rps'] for r in runs]):,.0f} | {ms(median([r['p50_us'] for r in runs]))} | "
+            f"{ms(median([r['p99_us'] for r in runs]))} | {(f'{median(cpu):.0f} µs') if cpu else '—'} | "
+            f"{sum(r['errors'] for r in runs)} |"
+        )
+    L.append("")
+    pairs = [("plain", "router", f"1 KB POST, {CONNECTIONS} connections"), ("plain_sse", "router_sse", "SSE, 20 chunks"),
+             ("plain_1c", "router_1c", "1 KB POST, 1 connection")]
+    rows = []
+    for a, b, title in pairs:
+        if a in results and b in results:
+            ra, rb = results[a], results[b]
+            n = min(len(ra), len(rb))
+            ratio = median([rb[i]["rps"] / ra[i]["rps"] for i in range(n) if ra[i]["rps"]])
+            d50 = median([rb[i]["p50_us"] - ra[i]["p50_us"] for i in range(n)])
+            d99 = median([rb[i]["p99_us"] - ra[i]["p99_us"] for i in range(n)])
+            dcpu = [rb[i]["cpu_us"] - ra[i]["cpu_us"] for i in range(n)
+                    if rb[i].get("cpu_us") is not None and ra[i].get("cpu_us") is not None]
+            rows.append(f"| {title} | {ratio:.2f}× | {signed_us(d50)} | {signed_us(d99)} | "
+                        f"{signed_us(median(dcpu)) if dcpu else '—'} |")
+    if rows:
+        L.append("| router (3) vs plain Envoy (2) | throughput 3/2 | added p50 | added p99 | added Envoy CPU per request |")
+        L.append("|---|---:|---:|---:|---:|")
+        L.extend(rows)
+        L.append("")
+    L.append("Per-round RPS (run order within a round: " + ", ".join(cases) + "):\n")
+    L.append("| case | " + " | ".join(f"round {i + 1}" for i in range(ROUNDS)) + " |")
+    L.append("|---|" + "---:|" * ROUNDS)
+    for c in cases:
+        L.append(f"| {c} | " + " | ".join(f"{r['rps']:,.0f}" for r in results[c]) + " |")
+    L.append("")
+    L.append("## Memory\n")
+    for line in meta["memory"]:
+        L.append(f"- {line}")
+    L.append("")
+    L.append(
+        f"With {CONNECTIONS} connections the cores are saturated and latency is mostly queueing, so the added "
+        "p50/p99 there follow the throughput loss; the 1-connection rows (no queueing) show the latency the "
+        "filter adds to one request.\n"
+    )
+    L.append(
+        "Noise: the machine's cores are shared by wrk, the mock, Envoy and whatever else runs (other builds "
+        "and tests); runs are interleaved so slow periods hit every case alike, and ratios are paired per round. "
+        "\"Envoy CPU per request\" is the Envoy process's user+system CPU time over the run divided by the "
+        "requests served: less sensitive to the load of others than RPS.\n"
+    )
+    if HOSTSIM.is_file():
+        L.append("## The filter alone (host-sim)\n")
+        text = HOSTSIM.read_text().strip()
+        # Demote its headings under ours.
+        L.append(re.sub(r"^# ", "### ", text, flags=re.M))
+        L.append("")
+    L.append("Reproduce: `make bench` (or `make bench-envoy BENCH_CONCURRENCY=4 BENCH_ROUNDS=5`); "
+             "inputs and logs in `target/bench/work/`.\n")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> int:
+    for path, hint in [(CLI, "cargo build --profile bench-tools -p auto-ai-router --bins"),
+                       (MOCK, "cargo build --profile bench-tools -p e2e --bins"),
+                       (WASM, "make wasm"), (ENVOY, "make venv"), (LUA, "")]:
+        if not path.exists():
+            raise BenchError(f"{path} is missing{': ' + hint if hint else ''}")
+    if shutil.which("wrk") is None:
+        raise BenchError("wrk is not installed (apt-get install -y wrk)")
+    cases = [c.strip() for c in os.environ.get("BENCH_CASES", ",".join(ALL_CASES)).split(",") if c.strip()]
+    bad = [c for c in cases if c not in ALL_CASES]
+    if bad:
+        raise BenchError(f"BENCH_CASES: unknown {bad}; use {ALL_CASES}")
+
+    if WORK.exists():
+        shutil.rmtree(WORK)
+    WORK.mkdir(parents=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    envoy_version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
+    meta = {
+        "envoy_version": m.group(1) if m else "?",
+        "cpus": os.cpu_count(),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+    procs = Procs()
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        mock_port, router_port, router_admin, plain_port, plain_admin = (free_port() for _ in range(5))
+        mock = procs.start("mock", [str(MOCK), "--name", "bench", "--port", str(mock_port),
+                                    "--key", KEYS["bench_a"], "--key", KEYS["bench_b"], "--key", DIRECT_KEY,
+                                    "--models", "gpt-4o,gpt-4o-mini", "--chunks", "20", "--chunk-delay-ms", "0",
+                                    "--workers", str(MOCK_WORKERS)])
+        wait_until("mock provider", lambda: http("GET", f"http://127.0.0.1:{mock_port}/health")[0] == 200, mock)
+
+        config = write_router_config(mock_port)
+        router_yaml, router_env, extra = render_router(config, router_port, router_admin)
+        log(f"Envoy router on :{router_port} (admin :{router_admin}), plain Envoy on :{plain_port} "
+            f"(admin :{plain_admin}), mock on :{mock_port}; --concurrency {CONCURRENCY}")
+        router = procs.start("envoy-router", envoy_argv(router_yaml, extra), env=dict(os.environ, **router_env))
+        wait_until("router Envoy", lambda: http("GET", f"http://127.0.0.1:{router_admin}/ready")[0] == 200, router)
+        # Model-aware routing: wait until the model lists are fetched (the merged list is non-empty).
+        def models_ready() -> bool:
+            st, body = http("GET", f"http://127.0.0.1:{router_port}/v1/models", headers={"Authorization": f"Bearer {MASTER}"})
+            return st == 200 and MODEL.encode() in body
+        if os.environ.get("BENCH_CHECK_KEYS", "1") != "0":
+            wait_until("router model lists", models_ready, router)
+
+        plain_json = plain_bootstrap(router_admin, plain_port, plain_admin, mock_port)
+        plain = procs.start("envoy-plain", envoy_argv(plain_json, extra))
+        wait_until("plain Envoy", lambda: http("GET", f"http://127.0.0.1:{plain_admin}/ready")[0] == 200, plain)
+
+        # name: (port, key, SSE, Envoy process, connections; 0 = BENCH_CONNECTIONS)
+        targets = {
+            "direct": (mock_port, DIRECT_KEY, False, None, 0),
+            "plain": (plain_port, MASTER, False, plain, 0),
+            "router": (router_port, MASTER, False, router, 0),
+            "plain_sse": (plain_port, MASTER, True, plain, 0),
+            "router_sse": (router_port, MASTER, True, router, 0),
+            # One connection: no queueing, so latency is the per-request cost of the path.
+            "plain_1c": (plain_port, MASTER, False, plain, 1),
+            "router_1c": (router_port, MASTER, False, router, 1),
+        }
+        # Sanity: every path answers 200; the router uses both credentials' keys, never the master key.
+        for c in cases:
+            port, key, stream, _, _ = targets[c]
+            check_target(c, port, key, stream)
+        if "router" in cases and os.environ.get("BENCH_CHECK_KEYS", "1") != "0":
+            http("POST", f"http://127.0.0.1:{mock_port}/_reset")
+            for _ in range(4):
+                check_target("router", router_port, MASTER, False)
+            st, body = http("GET", f"http://127.0.0.1:{mock_port}/_stats")
+            by_key = json.loads(body).get("by_key", {})
+            if sorted(by_key) != sorted(KEYS.values()):
+                raise BenchError(f"the router did not use exactly the two credentials' keys: mock saw {by_key}")
+
+        if WARMUP:
+            log(f"warm-up: {WARMUP} s per case")
+            for c in cases:
+                port, key, stream, _, conns = targets[c]
+                run_wrk(port, key, stream, WARMUP, conns)
+
+        results: dict[str, list[dict]] = {c: [] for c in cases}
+        for rnd in range(ROUNDS):
+            for c in cases:
+                port, key, stream, proc, conns = targets[c]
+                cpu0 = cpu_seconds(proc.pid) if proc else None
+                perf = None
+                if c in PERF.split(",") and proc:
+                    perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-p", str(proc.pid),
+                                             "-o", str(WORK / f"perf-{c}-{rnd + 1}.data")],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    r = run_wrk(port, key, stream, DURATION, conns)
+                finally:
+                    if perf:
+                        perf.send_signal(signal.SIGINT)
+                        perf.wait(timeout=30)
+                if proc:
+                    if proc.poll() is not None:
+                        raise BenchError(f"{c}: Envoy exited during the run (see {WORK})")
+                    r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(1, r["requests"])
+                results[c].append(r)
+                log(f"round {rnd + 1}/{ROUNDS} {c:<10} {r['rps']:>9,.0f} rps  p50 {ms(r['p50_us'])}  "
+                    f"p99 {ms(r['p99_us'])}  errors {r['errors']}"
+                    + (f"  envoy cpu {r['cpu_us']:.0f} µs/req" if "cpu_us" in r else ""))
+        meta["body_bytes"] = next(iter(results.values()))[0]["body_bytes"]
+
+        # Memory, after the load.
+        mem = []
+        wasm_size = WASM.stat().st_size
+        mem.append(f"`filter.wasm`: {wasm_size:,} bytes ({wasm_size / 1024:.0f} KiB)")
+        vms = wasm_memory(router.pid)
+        stats = admin_stats(router_admin, "wasm")
+        active = stats.get("wasm.envoy.wasm.runtime.v8.active", "?")
+        if vms:
+            committed = ", ".join(f"{c} KiB" for c, _ in vms)
+            resident = ", ".join(f"{r} KiB" for _, r in vms)
+            mem.append(f"wasm VMs in the router Envoy: {len(vms)} linear memories (Envoy stat "
+                       f"`wasm.envoy.wasm.runtime.v8.active` = {active}: one per worker plus the main thread's); "
+                       f"linear memory per VM: {committed} committed, {resident} resident (from /proc/PID/smaps)")
+        else:
+            mem.append(f"wasm VMs (`wasm.envoy.wasm.runtime.v8.active`): {active}; linear memory not found in smaps")
+        rr, rp = rss_kib(router.pid), rss_kib(plain.pid)
+        ar, ap = tcmalloc_allocated(router_admin), tcmalloc_allocated(plain_admin)
+        per = (rr - rp) / max(1, len(vms)) if vms else None
+        mem.append(f"Envoy RSS: router {rr / 1024:.1f} MiB vs plain {rp / 1024:.1f} MiB "
+                   f"(+{(rr - rp) / 1024:.1f} MiB{f', {per / 1024:.1f} MiB per VM' if per is not None else ''}: "
+                   f"V8 code and heaps plus linear memory); Envoy heap (admin /memory `allocated`): "
+                   f"router {ar / 2**20:.1f} MiB vs plain {ap / 2**20:.1f} MiB")
+        meta["memory"] = mem
+
+        report = build_report(results, cases, meta)
+        OUT.write_text(report)
+        print()
+        print(report)
+        log(f"written to {OUT.relative_to(ROOT) if OUT.is_relative_to(ROOT) else OUT}")
+        errors = {c: sum(r["errors"] for r in rs) for c, rs in results.items()}
+        total = {c: sum(r["requests"] for r in rs) for c, rs in results.items()}
+        bad = [c for c in cases if errors[c] > 0.005 * max(1, total[c])]
+        if bad:
+            raise BenchError(f"too many errors (non-2xx, timeouts or socket errors) in {bad}; see {WORK}")
+        return 0
+    finally:
+        procs.stop_all()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"[bench] error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("[bench] interrupted", file=sys.stderr)
+        sys.exit(130)
