@@ -82,7 +82,6 @@ struct Runtime {
     model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
     /// `Bearer <api_key>` per credential, built once.
     bearer: Vec<String>,
-    model_labels: RefCell<usize>,
 }
 
 /// A per-request series: credential index plus the other label values.
@@ -162,11 +161,14 @@ impl Runtime {
     }
 
     /// A model name as a metric label, bounded per worker.
+    /// Known models always get their name; other names until MAX_MODEL_LABELS distinct ones.
     fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        let known = self.cfg.models.iter().any(|(m, _)| m == model) || self.index.borrow().get(model).is_some();
-        let mut used = self.model_labels.borrow_mut();
-        if known || *used < MAX_MODEL_LABELS {
-            *used += 1;
+        let ids = self.model_ids.borrow();
+        if ids.contains_key(model)
+            || ids.len() < MAX_MODEL_LABELS
+            || self.cfg.models.iter().any(|(m, _)| m == model)
+            || self.index.borrow().get(model).is_some()
+        {
             model
         } else {
             "other"
@@ -357,7 +359,6 @@ impl RootContext for Root {
             hot_ids: RefCell::new(HashMap::default()),
             model_ids: RefCell::new(HashMap::default()),
             bearer,
-            model_labels: RefCell::new(0),
         }));
         self.set_tick_period(Duration::from_secs(1));
         true

@@ -42,48 +42,9 @@ pub fn stat_name(base: &str, labels: &[(&str, &str)]) -> String {
     name
 }
 
-/// FxHash (rustc's hasher) for the per-worker metric-id cache: keys are our own bounded stat
-/// names, so a keyed SipHash buys nothing and costs several times more per lookup.
-#[derive(Default, Clone, Copy)]
-pub struct FxHasher {
-    hash: u64,
-}
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, word: u64) {
-        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl std::hash::Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().unwrap_or_default()));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(buf));
-        }
-    }
-
-    fn write_u8(&mut self, i: u8) {
-        self.add(i as u64);
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.hash
-    }
-}
-
-pub type FxBuildHasher = std::hash::BuildHasherDefault<FxHasher>;
+/// FxHash for the per-worker metric-id caches: keys are our own bounded label values, so a keyed
+/// SipHash buys nothing and costs several times more per lookup.
+pub use rustc_hash::FxBuildHasher;
 
 /// The Envoy `stats_tags` regex that extracts label `key` from a name made by `stat_name`.
 pub fn tag_regex(key: &str) -> String {

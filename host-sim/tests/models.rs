@@ -151,3 +151,32 @@ fn without_replace_v1_models_the_list_is_routed_to_a_provider() {
         o => panic!("expected the request to be routed, got {o:?}"),
     }
 }
+
+#[test]
+fn model_labels_are_bounded_by_distinct_names_not_requests() {
+    let host = Host::new();
+    let mut vm = host.vm(cfg("").replace("replace_v1_models: true", "replace_v1_models: false").as_str(), &[]).unwrap();
+    // Many requests for one model must not use up the label budget...
+    for _ in 0..600 {
+        let c = route(&mut vm, "popular");
+        assert!(c == "c1" || c == "c2", "routed, got {c}");
+    }
+    // ...which then covers 512 distinct names; the rest are counted as "other".
+    for i in 0..600 {
+        route(&mut vm, &format!("m{i}"));
+    }
+    let series: Vec<(String, u64)> = host
+        .metrics()
+        .into_iter()
+        .filter(|(_, name, _)| name.starts_with("auto_ai_router_model_requests_total."))
+        .map(|(_, name, v)| (name, v))
+        .collect();
+    let count = |label: &str| -> u64 {
+        series.iter().filter(|(n, _)| n.contains(&format!(".model=.={label};.;"))).map(|(_, v)| v).sum()
+    };
+    assert_eq!(count("popular"), 600);
+    assert_eq!(count("m0"), 1);
+    assert_eq!(count("m510"), 1, "512 distinct names: popular + m0..m510");
+    assert_eq!(count("m511"), 0);
+    assert_eq!(count("other"), 600 - 511);
+}
