@@ -12,12 +12,11 @@ use serde_json::{json, Value};
 use std::net::IpAddr;
 
 pub const ROUTER_ROOT_ID: &str = "auto_ai_router";
-pub const MODELS_ROOT_ID: &str = "auto_ai_router_models";
 pub const VM_ID: &str = "auto_ai_router";
 /// A trap fails the request that hit it (503, never an unauthenticated pass-through) and Envoy
 /// reloads the VM, so one bad request does not leave the gateway answering 503 for good (see README).
 pub const FAILURE_POLICY: &str = "FAIL_RELOAD";
-pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
+pub use filter::CLUSTER_HEADER;
 /// Name of the router's HTTP filter in the chain (and in `typed_per_filter_config`).
 pub const ROUTER_FILTER_NAME: &str = "auto_ai_router";
 /// Extra request-body buffer above `max_body_size` so the filter's own 413 (OpenAI JSON) fires
@@ -132,8 +131,7 @@ pub fn wasm_filter(name: &str, root_id: &str, configuration: &str, wasm_path: &s
     })
 }
 
-/// The HTTP filter chain: the wasm filters, then the router. (The models companion filter of
-/// issue 6 goes in front of the router filter here.)
+/// The HTTP filter chain: the router wasm filter (which also fetches the model lists), then Envoy's router.
 fn http_filters(p: &Prepared, o: &RenderOptions) -> Vec<Value> {
     let plugin = p.plugin_json();
     let env = p.env_names();

@@ -11,6 +11,7 @@ use crate::fail2ban::BanEvent;
 use crate::metrics::{self, FxBuildHasher};
 use crate::models_index::{self, ModelIndex};
 use crate::store::{cas_update, CasMismatch, SharedStore};
+use crate::CLUSTER_HEADER;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -19,8 +20,6 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// The request header the route's `cluster_header` reads. Client-sent copies are removed.
-pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
 const JSON: (&str, &str) = ("content-type", "application/json");
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const FETCH_RETRY_MS: u64 = 30_000;

@@ -1,6 +1,10 @@
 //! Auto AI Router filter. Decision logic is plain Rust (tested natively); `glue` is the thin
 //! proxy-wasm layer compiled only for wasm32.
 
+/// The request header the Envoy route's `cluster_header` reads: the filter sets it to the chosen
+/// credential's cluster; client-sent copies are removed.
+pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
+
 pub mod auth;
 pub mod balancer;
 pub mod body;

@@ -33,8 +33,6 @@ use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
 
 /// Default root id of the router filter.
 pub const ROUTER_ROOT_ID: &str = "auto_ai_router";
-/// Root id of the models companion filter.
-pub const MODELS_ROOT_ID: &str = "auto_ai_router_models";
 
 /// Virtual time starts here (2024-01-01T00:00:00Z) so the filter never sees a zero clock.
 pub const START_EPOCH_MS: u64 = 1_704_067_200_000;
