@@ -3,7 +3,7 @@
 //! The CLI uses the same functions, so both reject exactly the same documents.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -202,18 +202,14 @@ pub struct Config {
     pub server: Server,
     pub credentials: Vec<Credential>,
     pub fail2ban: Fail2Ban,
-    /// Model limits from models.yaml, in file order.
-    pub models: Vec<(String, Rpm)>,
+    /// Model limits from models.yaml (looked up on every request).
+    pub models: HashMap<String, Rpm>,
 }
 
 impl Config {
     /// The limit for a model: its models.yaml entry, else `default_models_rpm`.
     pub fn model_rpm(&self, model: &str) -> Rpm {
-        self.models
-            .iter()
-            .find(|(name, _)| name == model)
-            .map(|(_, rpm)| *rpm)
-            .unwrap_or(self.server.default_models_rpm)
+        self.models.get(model).copied().unwrap_or(self.server.default_models_rpm)
     }
 }
 
@@ -534,14 +530,13 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
     };
 
-    let mut models = Vec::with_capacity(raw.models.len());
-    let mut seen = HashSet::new();
+    let mut models = HashMap::with_capacity(raw.models.len());
     for (i, m) in raw.models.iter().enumerate() {
         let at = format!("models[{i}] ({})", m.name);
         if m.name.trim().is_empty() {
             return Err(ConfigError::Missing { key: format!("models[{i}]: name") });
         }
-        if !seen.insert(m.name.clone()) {
+        if models.contains_key(&m.name) {
             return Err(ConfigError::Duplicate { key: format!("models[{i}]: name"), value: m.name.clone() });
         }
         let rpm = match &m.rpm {
@@ -551,7 +546,7 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 _ => rpm_value(&format!("{at}: rpm"), v)?,
             },
         };
-        models.push((m.name.clone(), rpm));
+        models.insert(m.name.clone(), rpm);
     }
 
     Ok(Config {

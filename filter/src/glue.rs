@@ -165,7 +165,7 @@ impl Runtime {
         let ids = self.model_ids.borrow();
         if ids.contains_key(model)
             || ids.len() < MAX_MODEL_LABELS
-            || self.cfg.models.iter().any(|(m, _)| m == model)
+            || self.cfg.models.contains_key(model)
             || self.index.borrow().get(model).is_some()
         {
             model
