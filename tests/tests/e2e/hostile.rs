@@ -1,7 +1,7 @@
 //! Issue 8's hostile-request table: each request with its expected status and JSON error code,
 //! and whether it may reach a provider. Every case runs; the table is printed, then asserted.
 
-use e2e::harness::{api_log, cred, mock, Router, MASTER};
+use e2e::harness::{api_log, control, cred, mock, Router, MASTER};
 use e2e::http::{send_raw, Request, Response};
 
 #[derive(Clone, Copy, Debug)]
@@ -197,4 +197,23 @@ fn hostile_request_table() {
     assert_eq!(r.chat("gpt-4o").status, 200);
     eprintln!("hostile requests:\n{}", table.join("\n"));
     assert!(failures.is_empty(), "hostile cases failed:\n{}\n\n{}", failures.join("\n"), table.join("\n"));
+}
+
+/// A client can't make Envoy retry (multiplying provider traffic past the RPM admission) or cut the
+/// upstream timeout: with `use_remote_address` its `x-envoy-*` control headers are ignored.
+#[test]
+fn client_envoy_control_headers_have_no_effect() {
+    let a = mock("a", "sk-hostile-a-0000", &["gpt-4o"]);
+    let cfg = format!("server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}", cred("cred_a", "sk-hostile-a-0000", &a.url(), -1));
+    let r = Router::start(&cfg);
+    control(&a, serde_json::json!({"fail_next": 5, "fail_status": 500, "delay_ms": 300}));
+    a.mock.reset_stats();
+    let resp = Request::chat(MASTER, "gpt-4o")
+        .header("x-envoy-retry-on", "5xx,connect-failure")
+        .header("x-envoy-max-retries", "4")
+        .header("x-envoy-upstream-rq-timeout-ms", "1")
+        .send(r.addr)
+        .expect("response");
+    assert_eq!(resp.status, 500, "the provider's own 500, not a retry or a forced 504: {}", resp.describe());
+    assert_eq!(api_log(&a).len(), 1, "exactly one upstream attempt");
 }
