@@ -83,10 +83,14 @@ struct Runtime {
     bearer: Vec<String>,
 }
 
-/// A per-request series: credential index plus the other label values.
+/// A series by its label values (credential as an index): its id is looked up without building or
+/// hashing a stat name. Model series are kept apart in `model_ids` (their labels are not static).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum HotKey {
     RpmCurrent(usize),
+    Banned(usize),
+    Errors(usize),
+    Rejections(&'static str),
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
 }
@@ -108,7 +112,7 @@ impl Runtime {
         Some(id)
     }
 
-    /// The id of a per-request series: from `hot_ids`, else defined through `metric`.
+    /// The id of a series: from `hot_ids`, else defined through `metric`.
     fn hot_metric(&self, key: HotKey) -> Option<u32> {
         if let Some(id) = self.hot_ids.borrow().get(&key) {
             return Some(*id);
@@ -116,6 +120,9 @@ impl Runtime {
         let name = |i: usize| self.cfg.credentials[i].name.as_str();
         let id = match key {
             HotKey::RpmCurrent(i) => self.metric(MetricType::Gauge, metrics::CREDENTIAL_RPM_CURRENT, &[("credential", name(i))]),
+            HotKey::Banned(i) => self.metric(MetricType::Gauge, metrics::CREDENTIAL_BANNED, &[("credential", name(i))]),
+            HotKey::Errors(i) => self.metric(MetricType::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &[("credential", name(i))]),
+            HotKey::Rejections(reason) => self.metric(MetricType::Counter, metrics::REJECTIONS_TOTAL, &[("reason", reason)]),
             HotKey::Requests(i, endpoint, status) => {
                 let status = status.to_string();
                 let labels = [("credential", name(i)), ("endpoint", endpoint), ("status", status.as_str())];
@@ -129,11 +136,36 @@ impl Runtime {
         Some(id)
     }
 
+    fn increment(&self, key: HotKey) {
+        if let Some(id) = self.hot_metric(key) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn record(&self, key: HotKey, value: u64) {
+        if let Some(id) = self.hot_metric(key) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    /// Counts a (credential, model) request. Known models always get their own label; other names
+    /// do until MAX_MODEL_LABELS distinct ones, then count as "other" (a client can't grow the set).
     fn count_model(&self, index: usize, model: &str) {
         let cached = self.model_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
         let id = match cached {
             Some(id) => id,
             None => {
+                let label = {
+                    let ids = self.model_ids.borrow();
+                    let allowed = ids.contains_key(model)
+                        || ids.len() < MAX_MODEL_LABELS
+                        || self.cfg.models.contains_key(model)
+                        || self.index.borrow().get(model).is_some();
+                    if allowed { model } else { "other" }
+                };
+                if label != model {
+                    return self.count_model(index, label);
+                }
                 let labels = [("credential", self.cfg.credentials[index].name.as_str()), ("model", model)];
                 let Some(id) = self.metric(MetricType::Counter, metrics::MODEL_REQUESTS_TOTAL, &labels) else { return };
                 let mut ids = self.model_ids.borrow_mut();
@@ -147,33 +179,6 @@ impl Runtime {
         let _ = hostcalls::increment_metric(id, 1);
     }
 
-    fn count(&self, base: &str, labels: &[(&str, &str)]) {
-        if let Some(id) = self.metric(MetricType::Counter, base, labels) {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
-    fn gauge(&self, base: &str, labels: &[(&str, &str)], value: u64) {
-        if let Some(id) = self.metric(MetricType::Gauge, base, labels) {
-            let _ = hostcalls::record_metric(id, value);
-        }
-    }
-
-    /// A model name as a metric label, bounded per worker.
-    /// Known models always get their name; other names until MAX_MODEL_LABELS distinct ones.
-    fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        let ids = self.model_ids.borrow();
-        if ids.contains_key(model)
-            || ids.len() < MAX_MODEL_LABELS
-            || self.cfg.models.contains_key(model)
-            || self.index.borrow().get(model).is_some()
-        {
-            model
-        } else {
-            "other"
-        }
-    }
-
     fn refresh_index(&self) {
         if self.cfg.server.replace_v1_models {
             self.index.borrow_mut().refresh(&HostStore, &self.cfg);
@@ -181,12 +186,10 @@ impl Runtime {
     }
 
     fn update_gauges(&self, now: u64) {
-        for c in &self.cfg.credentials {
-            let labels = [("credential", c.name.as_str())];
+        for (i, c) in self.cfg.credentials.iter().enumerate() {
             let banned = balancer::ban_state(&HostStore, &c.name, now).is_banned(now);
-            self.gauge(metrics::CREDENTIAL_BANNED, &labels, banned as u64);
-            let rpm = balancer::rpm_current(&HostStore, &c.name, now);
-            self.gauge(metrics::CREDENTIAL_RPM_CURRENT, &labels, rpm as u64);
+            self.record(HotKey::Banned(i), banned as u64);
+            self.record(HotKey::RpmCurrent(i), balancer::rpm_current(&HostStore, &c.name, now) as u64);
         }
     }
 }
@@ -399,9 +402,9 @@ impl Http {
         self.get_http_request_header_bytes(name).map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
-    fn reply(&mut self, status: u16, message: &str, code: Option<&str>, reason: &str, extra: &[(&str, &str)]) -> Action {
+    fn reply(&mut self, status: u16, message: &str, code: Option<&str>, reason: &'static str, extra: &[(&str, &str)]) -> Action {
         if let Some(rt) = &self.rt {
-            rt.count(metrics::REJECTIONS_TOTAL, &[("reason", reason)]);
+            rt.increment(HotKey::Rejections(reason));
             rt.log(CfgLevel::Debug, || format!("auto-ai-router: {status} for {} ({reason})", self.endpoint));
         }
         let mut headers = vec![JSON];
@@ -436,9 +439,7 @@ impl Http {
                 self.set_http_request_header(CLUSTER_HEADER, Some(&cred.name));
                 let _ = hostcalls::call_foreign_function("clear_route_cache", None);
                 if rpm_current > 0 {
-                    if let Some(id) = rt.hot_metric(HotKey::RpmCurrent(index)) {
-                        let _ = hostcalls::record_metric(id, rpm_current as u64);
-                    }
+                    rt.record(HotKey::RpmCurrent(index), rpm_current as u64);
                 }
                 rt.log(CfgLevel::Debug, || format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name));
                 self.chosen = Some(index);
@@ -573,22 +574,19 @@ impl HttpContext for Http {
         let now = now_ms();
         let cred = &rt.cfg.credentials[index];
         let event = balancer::record_status(&HostStore, &rt.cfg, index, counted, now);
-        let labels = [("credential", cred.name.as_str())];
         if rt.cfg.fail2ban.error_codes.contains(&counted) && event != BanEvent::Ignored {
-            rt.count(metrics::CREDENTIAL_ERRORS_TOTAL, &labels);
+            rt.increment(HotKey::Errors(index));
         }
         if let BanEvent::Banned { until_ms } = event {
-            rt.gauge(metrics::CREDENTIAL_BANNED, &labels, 1);
+            rt.record(HotKey::Banned(index), 1);
             rt.log(CfgLevel::Warn, || {
                 let until = if until_ms == u64::MAX { "until restart".to_string() } else { format!("for {} ms", until_ms.saturating_sub(now)) };
                 format!("auto-ai-router: credential {} banned {until} after {} errors (last status {counted})", cred.name, rt.cfg.fail2ban.max_attempts)
             });
         }
-        if let Some(id) = rt.hot_metric(HotKey::Requests(index, self.endpoint, counted)) {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
+        rt.increment(HotKey::Requests(index, self.endpoint, counted));
         if let Some(model) = &self.model {
-            rt.count_model(index, rt.model_label(model));
+            rt.count_model(index, model);
         }
         Action::Continue
     }
@@ -596,9 +594,7 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         if let (Some(rt), Some(index), true) = (&self.rt, self.chosen, self.responded) {
             let elapsed = now_ms().saturating_sub(self.start_ms);
-            if let Some(id) = rt.hot_metric(HotKey::Duration(index, self.endpoint)) {
-                let _ = hostcalls::record_metric(id, elapsed);
-            }
+            rt.record(HotKey::Duration(index, self.endpoint), elapsed);
         }
     }
 }
