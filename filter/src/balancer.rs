@@ -91,6 +91,12 @@ pub fn select(
     let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
     let (mut serving, mut banned, mut other_refusals) = (0, 0, 0);
     let mut retry_after: Option<u64> = None;
+    let chosen = |index: usize, rpm_current: u32| {
+        if index != start {
+            advance_cursor_past(store, (start + 1) % n, index, n);
+        }
+        Selection::Chosen { index, rpm_current }
+    };
     for k in 0..n {
         let i = (start + k) % n;
         let cred = &cfg.credentials[i];
@@ -105,10 +111,7 @@ pub fn select(
             continue;
         }
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
-            if i != start {
-                advance_cursor_past(store, (start + 1) % n, i, n);
-            }
-            return Selection::Chosen { index: i, rpm_current: 0 };
+            return chosen(i, 0);
         }
         let outcome = cas_update(
             store,
@@ -124,12 +127,7 @@ pub fn select(
             },
         );
         match outcome {
-            Some(Ok(rpm_current)) => {
-                if i != start {
-                    advance_cursor_past(store, (start + 1) % n, i, n);
-                }
-                return Selection::Chosen { index: i, rpm_current };
-            }
+            Some(Ok(rpm_current)) => return chosen(i, rpm_current),
             Some(Err(Refused::Full { retry_after: r })) => {
                 retry_after = Some(retry_after.map_or(r, |x| x.min(r)));
             }
