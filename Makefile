@@ -16,7 +16,7 @@ wasm-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
 wasm: wasm-target
-	$(CARGO) build --release --target $(WASM_TARGET) -p filter
+	AAR_GIT_HASH=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(CARGO) build --release --target $(WASM_TARGET) -p filter
 	@ls -l $(WASM) | awk '{print "filter.wasm: " $$5 " bytes"}'
 
 # Test-only build with the fault-injection hook (a header that makes the filter trap), kept apart

@@ -1,19 +1,47 @@
 //! Credential selection (SPEC §5) over shared data: a round-robin cursor shared by all workers,
 //! skipping credentials that are banned, don't serve the model, or whose RPM windows are full.
 
-use crate::config::{Config, Rpm};
+use crate::config::{Config, Credential, Fail2Ban, Rpm};
 use crate::fail2ban::{BanEvent, BanRecord};
 use crate::rate_window::{RateRecord, Refused};
-use crate::store::{cas_update, SharedStore};
+use crate::store::{cas_update, read, write_token, SharedStore, UpdateError};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 pub const CURSOR_KEY: &str = "aar/rr";
 
-pub fn rate_key(credential: &str) -> String {
-    format!("aar/rpm/{credential}")
+/// The shared-data keys of one credential's state. They carry a fingerprint of what the state is
+/// about, so a configuration push (Istio, xDS) that changes a credential starts it afresh:
+/// - RPM windows: name + base_url + a hash of the key (a rotated key is a new provider key);
+/// - the ban: that, plus the fail2ban policy (a new policy re-judges the credential).
+///
+/// A push that changes neither keeps both: limits hold across pushes, bans stay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateKeys {
+    pub rate: String,
+    pub ban: String,
+    pub models: String,
 }
 
-pub fn ban_key(credential: &str) -> String {
-    format!("aar/ban/{credential}")
+fn fx(f: impl FnOnce(&mut rustc_hash::FxHasher)) -> u64 {
+    let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    f(&mut h);
+    h.finish()
+}
+
+impl StateKeys {
+    pub fn new(c: &Credential, policy: &Fail2Ban) -> StateKeys {
+        let id = fx(|h| (&c.name, &c.base_url, fx(|k| c.api_key.hash(k))).hash(h));
+        let p = fx(|h| (policy.max_attempts, format!("{:?}", policy.ban_duration), &policy.error_codes).hash(h));
+        StateKeys {
+            rate: format!("aar/rpm/{}/{id:016x}", c.name),
+            ban: format!("aar/ban/{}/{id:016x}/{p:08x}", c.name),
+            models: format!("aar/models/list/{}/{id:016x}", c.name),
+        }
+    }
+
+    pub fn for_config(cfg: &Config) -> Vec<StateKeys> {
+        cfg.credentials.iter().map(|c| StateKeys::new(c, &cfg.fail2ban)).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,59 +49,67 @@ pub enum Selection {
     Chosen { index: usize, rpm_current: u32 },
     /// Every candidate was refused by an RPM window.
     RateLimited { retry_after: u64 },
-    /// No candidate: none serves the model, or the candidates are banned (maybe some full too).
+    /// No credential serves the model.
+    NoModel,
+    /// Serving credentials exist, but they are banned (maybe some full too).
     Unavailable { banned: usize, serving: usize },
+    /// No candidate could be charged for a reason of ours, not a limit: shared-data contention,
+    /// a record that was corrupt (reset now), a host error, or too many distinct models.
+    Busy,
 }
 
-/// Creates the records this config needs, so that no key is first written on the hot path
-/// (Envoy's CAS can't guard the creation of a key).
-pub fn init_keys(store: &dyn SharedStore, cfg: &Config) {
-    if store.get(CURSOR_KEY).0.is_none() {
-        let _ = store.set(CURSOR_KEY, &0u32.to_le_bytes(), 0);
-    }
-    for c in &cfg.credentials {
-        for (key, empty) in [(rate_key(&c.name), RateRecord::default().encode()), (ban_key(&c.name), BanRecord::default().encode())] {
-            if store.get(&key).0.is_none() {
-                let _ = store.set(&key, &empty, 0);
-            }
-        }
-    }
+fn decode_cursor(b: &[u8]) -> Option<u32> {
+    b.try_into().ok().map(u32::from_le_bytes)
 }
 
-fn decode_cursor(bytes: Option<&[u8]>) -> u32 {
-    bytes.and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
+fn encode_cursor(c: &u32) -> Vec<u8> {
+    c.to_le_bytes().to_vec()
 }
 
-/// Claims the next start position: each concurrent request gets its own.
+/// Claims the next start position: each concurrent request gets its own. Under contention the
+/// cursor is read as it is (two requests may start at the same credential: fairness, not limits).
 fn claim_cursor(store: &dyn SharedStore, n: usize) -> usize {
-    let mut start = 0;
-    let claimed = cas_update(
-        store,
-        CURSOR_KEY,
-        decode_cursor,
-        |c| c.to_le_bytes().to_vec(),
-        |c| {
-            start = *c as usize % n;
-            *c = ((start + 1) % n) as u32;
-            (true, ())
-        },
-    );
-    if claimed.is_none() {
-        start = decode_cursor(store.get(CURSOR_KEY).0.as_deref()) as usize % n;
-    }
-    start
+    let claimed = cas_update(store, CURSOR_KEY, decode_cursor, encode_cursor, |c| {
+        let start = *c as usize % n;
+        *c = ((start + 1) % n) as u32;
+        (true, start)
+    });
+    claimed.unwrap_or_else(|_| read(store, CURSOR_KEY, decode_cursor).ok().flatten().unwrap_or(0) as usize % n)
 }
 
 /// After skipping to `chosen`, moves the cursor past it, unless another request moved it meanwhile.
 fn advance_cursor_past(store: &dyn SharedStore, claimed_next: usize, chosen: usize, n: usize) {
-    let (bytes, cas) = store.get(CURSOR_KEY);
-    if decode_cursor(bytes.as_deref()) as usize == claimed_next {
-        let _ = store.set(CURSOR_KEY, &(((chosen + 1) % n) as u32).to_le_bytes(), cas);
+    let Ok((Some(bytes), cas)) = store.get(CURSOR_KEY) else { return };
+    if decode_cursor(&bytes).map(|c| c as usize) == Some(claimed_next) {
+        let _ = store.set(CURSOR_KEY, &encode_cursor(&(((chosen + 1) % n) as u32)), cas);
     }
 }
 
-pub fn ban_state(store: &dyn SharedStore, credential: &str, now_ms: u64) -> BanRecord {
-    BanRecord::decode(store.get(&ban_key(credential)).0.as_deref()).current(now_ms)
+/// The ban state now; `None` if the record can't be read.
+pub fn ban_state(store: &dyn SharedStore, key: &str, now_ms: u64) -> Option<BanRecord> {
+    read(store, key, BanRecord::decode).ok().flatten().map(|r| r.current(now_ms))
+}
+
+enum BanCheck {
+    Free,
+    Banned,
+    /// Unreadable (host error) or corrupt (reset now): refused for this request only.
+    Unreadable,
+}
+
+fn check_ban(store: &dyn SharedStore, key: &str, now_ms: u64) -> BanCheck {
+    match store.get(key) {
+        Err(_) => BanCheck::Unreadable,
+        Ok((None, _)) => BanCheck::Free,
+        Ok((Some(bytes), cas)) => match BanRecord::decode(&bytes) {
+            Some(r) if r.current(now_ms).is_banned(now_ms) => BanCheck::Banned,
+            Some(_) => BanCheck::Free,
+            None => {
+                let _ = store.set(key, &BanRecord::default().encode(), write_token(true, cas));
+                BanCheck::Unreadable
+            }
+        },
+    }
 }
 
 /// Picks a credential for a request and charges its RPM windows.
@@ -81,15 +117,19 @@ pub fn ban_state(store: &dyn SharedStore, credential: &str, now_ms: u64) -> BanR
 pub fn select(
     store: &dyn SharedStore,
     cfg: &Config,
+    keys: &[StateKeys],
     model: Option<&str>,
     serves: &dyn Fn(usize, &str) -> bool,
     now_ms: u64,
 ) -> Selection {
-    let n = cfg.credentials.len();
+    let n = cfg.credentials.len().min(keys.len());
+    if n == 0 {
+        return Selection::Busy;
+    }
     let now_s = now_ms / 1000;
     let start = claim_cursor(store, n);
     let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
-    let (mut serving, mut banned, mut other_refusals) = (0, 0, 0);
+    let (mut serving, mut banned, mut busy) = (0, 0, 0);
     let mut retry_after: Option<u64> = None;
     let chosen = |index: usize, rpm_current: u32| {
         if index != start {
@@ -99,65 +139,66 @@ pub fn select(
     };
     for k in 0..n {
         let i = (start + k) % n;
-        let cred = &cfg.credentials[i];
+        let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) else { continue };
         if let Some(m) = model {
             if !serves(i, m) {
                 continue;
             }
         }
         serving += 1;
-        if ban_state(store, &cred.name, now_ms).is_banned(now_ms) {
-            banned += 1;
-            continue;
+        match check_ban(store, &key.ban, now_ms) {
+            BanCheck::Free => {}
+            BanCheck::Banned => {
+                banned += 1;
+                continue;
+            }
+            BanCheck::Unreadable => {
+                busy += 1;
+                continue;
+            }
         }
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
             return chosen(i, 0);
         }
-        let outcome = cas_update(
-            store,
-            &rate_key(&cred.name),
-            RateRecord::decode,
-            RateRecord::encode,
-            |r| {
-                r.prune(now_s);
-                match r.try_admit(now_s, cred.rpm, model_limit) {
-                    Ok(()) => (true, Ok(r.credential.count())),
-                    Err(e) => (false, Err(e)),
-                }
-            },
-        );
+        let outcome = cas_update(store, &key.rate, RateRecord::decode, RateRecord::encode, |r| {
+            r.prune(now_s);
+            match r.try_admit(now_s, cred.rpm, model_limit) {
+                Ok(()) => (true, Ok(r.credential.count())),
+                Err(e) => (false, Err(e)),
+            }
+        });
         match outcome {
-            Some(Ok(rpm_current)) => return chosen(i, rpm_current),
-            Some(Err(Refused::Full { retry_after: r })) => {
+            Ok(Ok(rpm_current)) => return chosen(i, rpm_current),
+            Ok(Err(Refused::Full { retry_after: r })) => {
                 retry_after = Some(retry_after.map_or(r, |x| x.min(r)));
             }
-            // Too many models, or every CAS retry lost: refuse rather than risk over-admitting.
-            Some(Err(Refused::TooManyModels)) | None => other_refusals += 1,
+            // Refuse rather than risk over-admitting.
+            Ok(Err(Refused::TooManyModels)) | Err(_) => busy += 1,
         }
     }
     match retry_after {
-        Some(r) if banned == 0 && other_refusals == 0 => Selection::RateLimited { retry_after: r },
-        _ if other_refusals > 0 && banned == 0 && serving > 0 => Selection::RateLimited { retry_after: 1 },
+        _ if serving == 0 => Selection::NoModel,
+        Some(r) if banned == 0 && busy == 0 => Selection::RateLimited { retry_after: r },
+        _ if busy > 0 => Selection::Busy,
         _ => Selection::Unavailable { banned, serving },
     }
 }
 
 /// Feeds one upstream response status into the credential's fail2ban record.
-pub fn record_status(store: &dyn SharedStore, cfg: &Config, index: usize, status: u16, now_ms: u64) -> BanEvent {
-    let name = &cfg.credentials[index].name;
-    cas_update(store, &ban_key(name), BanRecord::decode, BanRecord::encode, |r| {
+pub fn record_status(store: &dyn SharedStore, cfg: &Config, key: &StateKeys, status: u16, now_ms: u64) -> Result<BanEvent, UpdateError> {
+    cas_update(store, &key.ban, BanRecord::decode, BanRecord::encode, |r| {
         let before = *r;
         let event = r.on_status(status, now_ms, &cfg.fail2ban);
         (*r != before, event)
     })
-    .unwrap_or(BanEvent::Unchanged)
 }
 
-/// Admissions in the current window, for the `credential_rpm_current` gauge.
-pub fn rpm_current(store: &dyn SharedStore, credential: &str, now_ms: u64) -> u32 {
-    let mut r = RateRecord::decode(store.get(&rate_key(credential)).0.as_deref());
-    r.credential.prune(now_ms / 1000);
-    r.credential.count()
+/// Admissions in the current window, for the `credential_rpm_current` gauge (0 if unreadable).
+pub fn rpm_current(store: &dyn SharedStore, key: &StateKeys, now_ms: u64) -> u32 {
+    let Ok((Some(bytes), _)) = store.get(&key.rate) else { return 0 };
+    let Some(mut w) = RateRecord::decode_credential(&bytes) else { return 0 };
+    w.prune(now_ms / 1000);
+    w.count()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +209,7 @@ pub struct Health {
 
 impl Health {
     pub fn available(&self) -> usize {
-        self.total - self.banned
+        self.total.saturating_sub(self.banned)
     }
 
     pub fn to_json(self) -> String {
@@ -182,9 +223,9 @@ impl Health {
     }
 }
 
-pub fn health(store: &dyn SharedStore, cfg: &Config, now_ms: u64) -> Health {
-    let banned = cfg.credentials.iter().filter(|c| ban_state(store, &c.name, now_ms).is_banned(now_ms)).count();
-    Health { total: cfg.credentials.len(), banned }
+pub fn health(store: &dyn SharedStore, keys: &[StateKeys], now_ms: u64) -> Health {
+    let banned = keys.iter().filter(|k| ban_state(store, &k.ban, now_ms).is_some_and(|r| r.is_banned(now_ms))).count();
+    Health { total: keys.len(), banned }
 }
 
 #[cfg(test)]
@@ -207,7 +248,23 @@ mod tests {
     }
 
     fn pick(store: &MemStore, cfg: &Config, model: Option<&str>, now_ms: u64) -> Selection {
-        select(store, cfg, model, &all, now_ms)
+        select(store, cfg, &StateKeys::for_config(cfg), model, &all, now_ms)
+    }
+
+    fn sel(store: &MemStore, cfg: &Config, model: Option<&str>, serves: &dyn Fn(usize, &str) -> bool, now_ms: u64) -> Selection {
+        select(store, cfg, &StateKeys::for_config(cfg), model, serves, now_ms)
+    }
+
+    fn status(store: &MemStore, cfg: &Config, i: usize, status: u16, now_ms: u64) -> BanEvent {
+        record_status(store, cfg, &StateKeys::for_config(cfg)[i], status, now_ms).unwrap()
+    }
+
+    fn banned_errors(store: &MemStore, cfg: &Config, i: usize) -> u32 {
+        ban_state(store, &StateKeys::for_config(cfg)[i].ban, 0).unwrap().errors
+    }
+
+    fn rpm(store: &MemStore, cfg: &Config, i: usize, now_ms: u64) -> u32 {
+        rpm_current(store, &StateKeys::for_config(cfg)[i], now_ms)
     }
 
     fn names(store: &MemStore, cfg: &Config, count: usize, now_ms: u64) -> Vec<String> {
@@ -221,7 +278,7 @@ mod tests {
 
     fn ban(store: &MemStore, cfg: &Config, i: usize) {
         for _ in 0..cfg.fail2ban.max_attempts {
-            record_status(store, cfg, i, 500, 0);
+            status(store, cfg, i, 500, 0);
         }
     }
 
@@ -229,7 +286,6 @@ mod tests {
     fn round_robin_in_config_order() {
         let c = cfg(&[("c1", -1), ("c2", -1), ("c3", -1)], "");
         let s = MemStore::default();
-        init_keys(&s, &c);
         assert_eq!(names(&s, &c, 4, 0), ["c1", "c2", "c3", "c1"]);
     }
 
@@ -256,7 +312,7 @@ mod tests {
         ban(&s, &c, 0);
         ban(&s, &c, 1);
         assert_eq!(pick(&s, &c, Some("m"), 0), Selection::Unavailable { banned: 2, serving: 2 });
-        assert_eq!(health(&s, &c, 0).to_json(), r#"{"credentials_available":0,"credentials_banned":2,"status":"unhealthy","total_credentials":2}"#);
+        assert_eq!(health(&s, &StateKeys::for_config(&c), 0).to_json(), r#"{"credentials_available":0,"credentials_banned":2,"status":"unhealthy","total_credentials":2}"#);
     }
 
     #[test]
@@ -265,7 +321,7 @@ mod tests {
         let s = MemStore::default();
         assert!(matches!(pick(&s, &c, None, 0), Selection::Chosen { index: 0, rpm_current: 1 }));
         assert!(matches!(pick(&s, &c, None, 10_000), Selection::Chosen { index: 1, .. }));
-        assert_eq!(pick(&s, &c, None, 20_000), Selection::RateLimited { retry_after: 40 });
+        assert_eq!(pick(&s, &c, None, 20_000), Selection::RateLimited { retry_after: 41 });
     }
 
     #[test]
@@ -274,10 +330,10 @@ mod tests {
         let s = MemStore::default();
         let only_c1 = |i: usize, m: &str| m != "special" || i == 0;
         for _ in 0..3 {
-            assert!(matches!(select(&s, &c, Some("special"), &only_c1, 0), Selection::Chosen { index: 0, .. }));
+            assert!(matches!(sel(&s, &c, Some("special"), &only_c1, 0), Selection::Chosen { index: 0, .. }));
         }
         let nobody = |_: usize, _: &str| false;
-        assert_eq!(select(&s, &c, Some("ghost"), &nobody, 0), Selection::Unavailable { banned: 0, serving: 0 });
+        assert_eq!(sel(&s, &c, Some("ghost"), &nobody, 0), Selection::NoModel);
     }
 
     #[test]
@@ -285,9 +341,9 @@ mod tests {
         let c = cfg(&[("c1", -1), ("c2", -1)], "models: [{name: gpt-4o, rpm: 1}]");
         let s = MemStore::default();
         let only_c1 = |i: usize, _: &str| i == 0;
-        assert!(matches!(select(&s, &c, Some("gpt-4o"), &only_c1, 0), Selection::Chosen { index: 0, .. }));
-        assert_eq!(select(&s, &c, Some("gpt-4o"), &only_c1, 1000), Selection::RateLimited { retry_after: 59 });
-        assert!(matches!(select(&s, &c, Some("other"), &all, 1000), Selection::Chosen { .. }), "c2 itself is free");
+        assert!(matches!(sel(&s, &c, Some("gpt-4o"), &only_c1, 0), Selection::Chosen { index: 0, .. }));
+        assert_eq!(sel(&s, &c, Some("gpt-4o"), &only_c1, 1000), Selection::RateLimited { retry_after: 60 });
+        assert!(matches!(sel(&s, &c, Some("other"), &all, 1000), Selection::Chosen { .. }), "c2 itself is free");
     }
 
     #[test]
@@ -303,10 +359,10 @@ mod tests {
     fn errors_on_one_credential_never_touch_another() {
         let c = cfg(&[("c1", -1), ("c2", -1)], "");
         let s = MemStore::default();
-        record_status(&s, &c, 0, 500, 0);
-        record_status(&s, &c, 0, 500, 0);
-        assert_eq!(ban_state(&s, "c1", 0).errors, 2);
-        assert_eq!(ban_state(&s, "c2", 0), BanRecord::default());
+        status(&s, &c, 0, 500, 0);
+        status(&s, &c, 0, 500, 0);
+        assert_eq!(banned_errors(&s, &c, 0), 2);
+        assert_eq!(banned_errors(&s, &c, 1), 0);
     }
 
     #[test]
@@ -324,45 +380,84 @@ mod tests {
         let s = MemStore::default();
         pick(&s, &c, None, 0);
         pick(&s, &c, None, 30_000);
-        assert!(matches!(pick(&s, &c, None, 59_999), Selection::RateLimited { retry_after: 1 }));
-        assert!(matches!(pick(&s, &c, None, 60_000), Selection::Chosen { .. }), "the admission at 0 s has left");
-        assert_eq!(rpm_current(&s, "c1", 60_000), 2);
+        assert!(matches!(pick(&s, &c, None, 60_999), Selection::RateLimited { retry_after: 1 }));
+        assert!(matches!(pick(&s, &c, None, 61_000), Selection::Chosen { .. }), "the admission in second 0 has left");
+        assert_eq!(rpm(&s, &c, 0, 61_000), 2);
     }
 
     #[test]
     fn lost_cas_races_are_retried_not_double_charged() {
         let c = cfg(&[("c1", 5)], "");
         let s = MemStore::default();
-        init_keys(&s, &c);
         s.fail_next_sets.set(3);
         assert!(matches!(pick(&s, &c, None, 0), Selection::Chosen { index: 0, rpm_current: 1 }));
-        assert_eq!(rpm_current(&s, "c1", 0), 1);
+        assert_eq!(rpm(&s, &c, 0, 0), 1);
         s.fail_next_sets.set(CAS_RETRIES as u32 * 4);
-        assert!(matches!(pick(&s, &c, None, 0), Selection::RateLimited { .. }), "contention beyond the retry budget refuses");
-        assert_eq!(rpm_current(&s, "c1", 0), 1);
+        assert_eq!(pick(&s, &c, None, 0), Selection::Busy, "contention beyond the retry budget refuses, and is not a rate limit");
+        assert_eq!(rpm(&s, &c, 0, 0), 1);
     }
 
     #[test]
     fn fail2ban_through_the_store_with_timed_ban() {
         let c = cfg(&[("c1", -1), ("c2", -1)], "fail2ban: {max_attempts: 3, ban_duration: 100ms}");
         let s = MemStore::default();
-        assert_eq!(record_status(&s, &c, 0, 401, 0), BanEvent::Counted { errors: 1 });
-        record_status(&s, &c, 0, 403, 0);
-        assert_eq!(record_status(&s, &c, 0, 500, 0), BanEvent::Banned { until_ms: 100 });
-        assert_eq!(health(&s, &c, 50).banned, 1);
-        assert_eq!(record_status(&s, &c, 0, 200, 60), BanEvent::Ignored);
-        assert_eq!(health(&s, &c, 150).banned, 0);
-        assert_eq!(ban_state(&s, "c1", 150).errors, 0);
+        let k = StateKeys::for_config(&c);
+        assert_eq!(status(&s, &c, 0, 401, 0), BanEvent::Counted { errors: 1 });
+        status(&s, &c, 0, 403, 0);
+        assert_eq!(status(&s, &c, 0, 500, 0), BanEvent::Banned { until_ms: 100 });
+        assert_eq!(health(&s, &k, 50).banned, 1);
+        assert_eq!(status(&s, &c, 0, 200, 60), BanEvent::Ignored);
+        assert_eq!(health(&s, &k, 150).banned, 0);
+        assert_eq!(ban_state(&s, &k[0].ban, 150).unwrap().errors, 0);
     }
 
     #[test]
-    fn corrupt_records_read_as_empty_and_are_rewritten() {
+    fn corrupt_records_refuse_once_then_are_rewritten() {
         let c = cfg(&[("c1", 1)], "");
+        let k = StateKeys::for_config(&c);
         let s = MemStore::default();
-        s.set(&rate_key("c1"), b"\xffgarbage", 0).unwrap();
-        s.set(&ban_key("c1"), b"\x01", 0).unwrap();
-        s.set(CURSOR_KEY, b"xyz", 0).unwrap();
+        s.set(&k[0].rate, b"\xffgarbage", 0).unwrap();
+        assert_eq!(pick(&s, &c, None, 0), Selection::Busy, "a limiter never fails open on a bad record");
         assert!(matches!(pick(&s, &c, None, 0), Selection::Chosen { index: 0, rpm_current: 1 }));
-        assert_eq!(rpm_current(&s, "c1", 0), 1);
+        s.set(&k[0].ban, b"\x01", 0).unwrap();
+        assert_eq!(pick(&s, &c, None, 1000), Selection::Busy);
+        assert_eq!(pick(&s, &c, None, 2000), Selection::RateLimited { retry_after: 59 }, "the ban record is clean again; the window is full");
+        s.set(CURSOR_KEY, b"xyz", 0).unwrap();
+        assert_eq!(pick(&s, &c, None, 3000), Selection::RateLimited { retry_after: 58 }, "a corrupt cursor is fairness only: selection goes on");
+        assert_eq!(read(&s, CURSOR_KEY, decode_cursor).unwrap(), Some(0), "and it was reset");
+    }
+
+    #[test]
+    fn lost_fail2ban_updates_are_reported_not_dropped() {
+        let c = cfg(&[("c1", -1)], "");
+        let k = StateKeys::for_config(&c);
+        let s = MemStore::default();
+        s.fail_next_sets.set(CAS_RETRIES as u32);
+        assert_eq!(record_status(&s, &c, &k[0], 500, 0), Err(UpdateError::Contention));
+    }
+
+    #[test]
+    fn state_follows_the_credential_identity_across_a_config_push() {
+        let before = cfg(&[("c1", 1), ("c2", -1)], "fail2ban: {max_attempts: 1, ban_duration: permanent}");
+        let s = MemStore::default();
+        assert!(matches!(pick(&s, &before, None, 0), Selection::Chosen { index: 0, .. }));
+        status(&s, &before, 1, 500, 0);
+        // The same credentials pushed again (a no-op push): c1's window and c2's ban stay.
+        let same = cfg(&[("c1", 1), ("c2", -1)], "fail2ban: {max_attempts: 1, ban_duration: permanent}");
+        assert_eq!(pick(&s, &same, None, 1000), Selection::Unavailable { banned: 1, serving: 2 });
+        // c2's key rotated: a new provider key, not banned; c1 unchanged keeps its full window.
+        let rotated = load(
+            "server: {master_key: mk, default_models_rpm: -1}\ncredentials:\n  - {name: c1, api_key: key-c1, base_url: 'http://127.0.0.1:1', rpm: 1}\n  - {name: c2, api_key: new-key, base_url: 'http://127.0.0.1:1', rpm: -1}\nfail2ban: {max_attempts: 1, ban_duration: permanent}",
+            &|_| None,
+        )
+        .unwrap();
+        assert!(matches!(pick(&s, &rotated, None, 2000), Selection::Chosen { index: 1, .. }));
+        assert!(matches!(pick(&s, &rotated, None, 2000), Selection::Chosen { index: 1, .. }), "c1 is still full");
+        // A new fail2ban policy re-judges: c2 with its old key is no longer banned.
+        let policy = cfg(&[("c1", 1), ("c2", -1)], "fail2ban: {max_attempts: 5, ban_duration: 1m}");
+        assert_eq!(health(&s, &StateKeys::for_config(&policy), 3000).banned, 0);
+        let k1 = StateKeys::for_config(&before);
+        assert_eq!(k1[0].rate, StateKeys::for_config(&policy)[0].rate, "windows don't depend on the fail2ban policy");
+        assert!(!k1[0].rate.contains("key-c1"), "no secret in a key name");
     }
 }

@@ -2,7 +2,16 @@
 
 /// `{"error":{"message","type","param":null,"code"}}`, type chosen by status.
 pub fn body(status: u16, message: &str, code: Option<&str>) -> String {
-    let kind = match status {
+    body_typed(status_type(status), message, code)
+}
+
+/// OpenAI's answer for a model nobody serves: 404 with `invalid_request_error`, as OpenAI sends it.
+pub fn model_not_found(model: &str) -> String {
+    body_typed("invalid_request_error", &format!("The model '{model}' does not exist or you do not have access to it."), Some("model_not_found"))
+}
+
+pub fn status_type(status: u16) -> &'static str {
+    match status {
         400 | 413 | 415 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
@@ -10,7 +19,10 @@ pub fn body(status: u16, message: &str, code: Option<&str>) -> String {
         429 => "rate_limit_error",
         503 => "service_unavailable_error",
         _ => "api_error",
-    };
+    }
+}
+
+pub fn body_typed(kind: &str, message: &str, code: Option<&str>) -> String {
     let code = code.map_or("null".to_string(), json_string);
     format!(
         "{{\"error\":{{\"message\":{},\"type\":\"{kind}\",\"param\":null,\"code\":{code}}}}}",

@@ -48,7 +48,7 @@ impl BanRecord {
             if self.errors >= policy.max_attempts {
                 self.banned_until_ms = match policy.ban_duration {
                     BanDuration::Permanent => PERMANENT,
-                    BanDuration::For(d) => now_ms.saturating_add(d.as_millis() as u64).min(PERMANENT - 1),
+                    BanDuration::For(d) => now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).min(PERMANENT - 1),
                 };
                 return BanEvent::Banned { until_ms: self.banned_until_ms };
             }
@@ -69,15 +69,11 @@ impl BanRecord {
         out
     }
 
-    /// Missing or corrupt reads as a clean record.
-    pub fn decode(bytes: Option<&[u8]>) -> BanRecord {
-        match bytes {
-            Some(b) if b.len() == 13 && b[0] == VERSION => BanRecord {
-                errors: u32::from_le_bytes(b[1..5].try_into().unwrap_or_default()),
-                banned_until_ms: u64::from_le_bytes(b[5..13].try_into().unwrap_or_default()),
-            },
-            _ => BanRecord::default(),
-        }
+    /// `None` for a corrupt or other-version record (the caller resets it).
+    pub fn decode(b: &[u8]) -> Option<BanRecord> {
+        let b: &[u8; 13] = b.try_into().ok()?;
+        let [VERSION, e0, e1, e2, e3, u @ ..] = *b else { return None };
+        Some(BanRecord { errors: u32::from_le_bytes([e0, e1, e2, e3]), banned_until_ms: u64::from_le_bytes(u) })
     }
 }
 
@@ -142,8 +138,10 @@ mod tests {
     #[test]
     fn codec() {
         let r = BanRecord { errors: 2, banned_until_ms: 12345 };
-        assert_eq!(BanRecord::decode(Some(&r.encode())), r);
-        assert_eq!(BanRecord::decode(Some(&[1, 2, 3])), BanRecord::default());
-        assert_eq!(BanRecord::decode(None), BanRecord::default());
+        assert_eq!(BanRecord::decode(&r.encode()), Some(r));
+        assert_eq!(BanRecord::decode(&[1, 2, 3]), None);
+        let mut other = r.encode();
+        other[0] = 7;
+        assert_eq!(BanRecord::decode(&other), None);
     }
 }

@@ -9,6 +9,9 @@ pub const CREDENTIAL_BANNED: &str = "auto_ai_router_credential_banned";
 pub const CREDENTIAL_ERRORS_TOTAL: &str = "auto_ai_router_credential_errors_total";
 pub const REJECTIONS_TOTAL: &str = "auto_ai_router_rejections_total";
 pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";
+/// A fail2ban update that could not be written (shared-data contention or a host error): counted
+/// and logged, never dropped silently.
+pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
 
 /// Label keys, for the renderer's `stats_tags`.
 pub const LABELS: [&str; 5] = ["credential", "endpoint", "status", "model", "reason"];

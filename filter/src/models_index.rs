@@ -1,8 +1,8 @@
 //! Which credential serves which model: each credential's last good `GET /v1/models` list, kept
 //! in shared data by the fetching VM and read (without writes) by every worker.
 
-use crate::config::Config;
-use crate::store::SharedStore;
+use crate::balancer::StateKeys;
+use crate::store::{cas_update, write_token, SharedStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
@@ -14,10 +14,6 @@ pub const LEASE_KEY: &str = "aar/models/lease";
 pub const VM_SEQ_KEY: &str = "aar/vm_seq";
 /// Bound on one provider's list (entries past it are ignored and logged).
 pub const MAX_MODELS_PER_CREDENTIAL: usize = 4096;
-
-pub fn list_key(credential: &str) -> String {
-    format!("aar/models/list/{credential}")
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelEntry {
@@ -64,16 +60,21 @@ pub fn decode_list(bytes: &[u8]) -> Option<Vec<ModelEntry>> {
     serde_json::from_slice(bytes).ok()
 }
 
-/// Stores a credential's fresh list and bumps the generation when it changed.
-pub fn store_list(store: &dyn SharedStore, credential: &str, entries: &[ModelEntry]) -> bool {
-    let key = list_key(credential);
+/// Stores a credential's fresh list (under its `StateKeys::models` key) and bumps the generation
+/// when it changed. Returns whether it changed.
+pub fn store_list(store: &dyn SharedStore, key: &str, entries: &[ModelEntry]) -> Result<bool, StoreError> {
     let bytes = encode_list(entries);
-    if store.get(&key).0.as_deref() == Some(bytes.as_slice()) {
-        return false;
+    let (current, cas) = store.get(key)?;
+    if current.as_deref() == Some(bytes.as_slice()) {
+        return Ok(false);
     }
-    let _ = store.set(&key, &bytes, 0);
-    let _ = store.set(GEN_KEY, b"1", 0);
-    true
+    // One writer (the elected fetcher); a takeover mid-write loses to the newer list.
+    store.set(key, &bytes, write_token(current.is_some(), cas))?;
+    let _ = cas_update(store, GEN_KEY, |b| b.try_into().ok().map(u64::from_le_bytes), |g| g.to_le_bytes().to_vec(), |g| {
+        *g = g.wrapping_add(1);
+        (true, ())
+    });
+    Ok(true)
 }
 
 /// A worker's view of the index, reloaded only when the generation moves.
@@ -86,19 +87,19 @@ pub struct ModelIndex {
 }
 
 impl ModelIndex {
-    /// Cheap when nothing changed: one small shared-data read.
-    pub fn refresh(&mut self, store: &dyn SharedStore, cfg: &Config) {
-        let (_, cas) = store.get(GEN_KEY);
-        if self.version == Some(cas) && self.per_credential.len() == cfg.credentials.len() {
+    /// Cheap when nothing changed: one small shared-data read. A read that fails keeps the
+    /// index as it was.
+    pub fn refresh(&mut self, store: &dyn SharedStore, keys: &[StateKeys]) {
+        let Ok((_, cas)) = store.get(GEN_KEY) else { return };
+        if self.version == Some(cas) && self.per_credential.len() == keys.len() {
             return;
         }
         self.version = Some(cas);
         let mut merged: BTreeMap<String, ModelEntry> = BTreeMap::new();
-        self.per_credential = cfg
-            .credentials
+        self.per_credential = keys
             .iter()
-            .map(|c| {
-                let list = store.get(&list_key(&c.name)).0.and_then(|b| decode_list(&b))?;
+            .map(|k| {
+                let list = store.get(&k.models).ok()?.0.and_then(|b| decode_list(&b))?;
                 for e in &list {
                     merged.entry(e.id.clone()).or_insert_with(|| e.clone());
                 }
@@ -116,7 +117,7 @@ impl ModelIndex {
     }
 
     pub fn get(&self, id: &str) -> Option<&ModelEntry> {
-        self.merged.binary_search_by(|e| e.id.as_str().cmp(id)).ok().map(|i| &self.merged[i])
+        self.merged.binary_search_by(|e| e.id.as_str().cmp(id)).ok().and_then(|i| self.merged.get(i))
     }
 
     pub fn entry_json(e: &ModelEntry) -> String {
@@ -138,7 +139,7 @@ impl ModelIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::load;
+    use crate::config::{load, Config};
     use crate::store::MemStore;
 
     fn cfg() -> Config {
@@ -148,15 +149,15 @@ mod tests {
     #[test]
     fn merges_dedups_and_sorts() {
         let s = MemStore::default();
-        let c = cfg();
+        let c = StateKeys::for_config(&cfg());
         let mut idx = ModelIndex::default();
         idx.refresh(&s, &c);
         assert!(idx.serves(0, "anything"), "never fetched serves every model");
         let a = parse_provider_list(br#"{"object":"list","data":[{"id":"gpt-4","created":1,"owned_by":"openai"},{"id":"gpt-3.5","object":"model"}]}"#).unwrap();
         let b = parse_provider_list(br#"{"data":[{"id":"gpt-4","created":2,"owned_by":"other"},{"id":"claude-3"}]}"#).unwrap();
-        assert!(store_list(&s, "a", &a));
-        assert!(store_list(&s, "b", &b));
-        assert!(!store_list(&s, "b", &b), "unchanged list is not rewritten");
+        assert_eq!(store_list(&s, &c[0].models, &a), Ok(true));
+        assert_eq!(store_list(&s, &c[1].models, &b), Ok(true));
+        assert_eq!(store_list(&s, &c[1].models, &b), Ok(false), "unchanged list is not rewritten");
         idx.refresh(&s, &c);
         assert!(idx.serves(0, "gpt-3.5") && !idx.serves(1, "gpt-3.5"));
         assert!(idx.serves(1, "claude-3") && !idx.serves(0, "claude-3"));

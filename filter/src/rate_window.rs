@@ -1,11 +1,24 @@
-//! RPM windows: at most `limit` admissions in any 60 s, to one-second granularity. A window keeps
-//! at most 60 (second, count) buckets, so a record never grows with time.
+//! RPM windows: at most `limit` admissions in any 60 s of real time. Admissions are counted in
+//! one-second buckets, and a bucket at second `s` counts while `now - s <= 60` (61 buckets), so an
+//! admission at 0.9 s still counts at 60.9 s: any real 60-second interval holds at most `limit`
+//! (a slot frees up to a second later than an exact sliding window would free it).
 
 use crate::config::Rpm;
+use std::hash::{BuildHasher, Hash, Hasher};
 
+/// Seconds a bucket counts for after its own: buckets `now - WINDOW_SECS ..= now`.
 pub const WINDOW_SECS: u64 = 60;
-/// Distinct models one credential tracks at once (models unused for 60 s are dropped).
-pub const MAX_MODEL_WINDOWS: usize = 1024;
+/// Most buckets one window holds.
+pub const MAX_BUCKETS: usize = WINDOW_SECS as usize + 1;
+/// Bound on one credential's record in bytes: it is copied and rewritten on every admission.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Bytes a model window can grow to: name hash, bucket count, full buckets.
+const MODEL_ENTRY_MAX: usize = 8 + 1 + 8 * MAX_BUCKETS;
+/// Bytes before the model windows at most: version, a full credential window, model count.
+const HEAD_MAX: usize = 1 + 1 + 8 * MAX_BUCKETS + 2;
+/// Distinct models one credential tracks at once (models unused for 61 s are dropped); reserving
+/// each window's full size keeps the record under `MAX_RECORD_BYTES` whatever the traffic.
+pub const MAX_MODEL_WINDOWS: usize = (MAX_RECORD_BYTES - HEAD_MAX) / MODEL_ENTRY_MAX;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Window {
@@ -14,12 +27,12 @@ pub struct Window {
 }
 
 impl Window {
-    /// Forgets admissions that left the window: a bucket at second `s` counts while `now - s < 60`.
-    /// Buckets more than a window ahead of `now` (the clock stepped back) are forgotten too.
+    /// Forgets admissions that left the window. Buckets more than a window ahead of `now` (the
+    /// clock stepped back) are forgotten too.
     pub fn prune(&mut self, now_s: u64) {
         self.buckets.retain(|(s, _)| {
             let s = *s as u64;
-            s + WINDOW_SECS > now_s && s <= now_s + WINDOW_SECS
+            s + WINDOW_SECS >= now_s && s <= now_s + WINDOW_SECS
         });
     }
 
@@ -38,7 +51,7 @@ impl Window {
         for (s, c) in &self.buckets {
             freed = c.saturating_add(freed);
             if freed >= must_expire {
-                return ((*s as u64) + WINDOW_SECS).saturating_sub(now_s).max(1);
+                return ((*s as u64) + WINDOW_SECS + 1).saturating_sub(now_s).max(1);
             }
         }
         1
@@ -67,7 +80,6 @@ impl Window {
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(self.encoded_len());
         out.push(self.buckets.len() as u8);
         for (s, c) in &self.buckets {
             let mut b = [0u8; 8];
@@ -80,8 +92,8 @@ impl Window {
     /// This runs on every admission (the whole record is read and rewritten): one bounds check
     /// for all buckets, then 8-byte chunks.
     fn decode(input: &mut &[u8]) -> Option<Window> {
-        let n = take(input, 1)?[0] as usize;
-        if n > WINDOW_SECS as usize {
+        let n = *take(input, 1)?.first()? as usize;
+        if n > MAX_BUCKETS {
             return None;
         }
         let raw = take(input, 8 * n)?;
@@ -109,15 +121,24 @@ fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     Some(head)
 }
 
+/// A model's key in a record: a 64-bit hash of its name (fixed size, so the record's bound does
+/// not depend on name lengths; a collision would only make two models share one window).
+pub fn model_id(model: &str) -> u64 {
+    let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    model.hash(&mut h);
+    h.finish()
+}
+
 /// One credential's windows: its own and one per (credential, model). Kept in one shared-data
-/// record so that both slots are charged by a single CAS: together or not at all.
+/// record so that both slots are charged by a single CAS: together or not at all. The credential
+/// window comes first, so the gauge reads it without decoding the model windows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateRecord {
     pub credential: Window,
-    pub models: Vec<(String, Window)>,
+    pub models: Vec<(u64, Window)>,
 }
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Why an admission was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,22 +159,22 @@ impl RateRecord {
     }
 
     pub fn model_window(&self, model: &str) -> Option<&Window> {
-        self.models.iter().find(|(m, _)| m == model).map(|(_, w)| w)
+        let id = model_id(model);
+        self.models.iter().find(|(m, _)| *m == id).map(|(_, w)| w)
     }
 
     /// Charges the credential slot and, when `model` has a limit, the (credential, model) slot:
     /// both or neither. The record must be pruned first.
     pub fn try_admit(&mut self, now_s: u64, credential_rpm: Rpm, model: Option<(&str, Rpm)>) -> Result<(), Refused> {
         let cred = self.credential.check(now_s, credential_rpm);
-        let model_idx = match model {
-            Some((name, Rpm::Limit(_))) => self.models.iter().position(|(m, _)| m == name),
+        let model = match model {
+            Some((name, limit @ Rpm::Limit(_))) => Some((model_id(name), limit)),
             _ => None,
         };
-        let model_check = match (model, model_idx) {
-            (Some((_, limit @ Rpm::Limit(_))), Some(i)) => self.models[i].1.check(now_s, limit),
-            (Some((_, Rpm::Limit(_))), None) if self.models.len() >= MAX_MODEL_WINDOWS => {
-                return Err(Refused::TooManyModels)
-            }
+        let model_idx = model.and_then(|(id, _)| self.models.iter().position(|(m, _)| *m == id));
+        let model_check = match (model, model_idx.and_then(|i| self.models.get(i))) {
+            (Some((_, limit)), Some((_, w))) => w.check(now_s, limit),
+            (Some(_), None) if self.models.len() >= MAX_MODEL_WINDOWS => return Err(Refused::TooManyModels),
             _ => Ok(()),
         };
         match (cred, model_check) {
@@ -164,52 +185,60 @@ impl RateRecord {
         if credential_rpm != Rpm::Unlimited {
             self.credential.charge(now_s);
         }
-        if let Some((name, Rpm::Limit(_))) = model {
-            match model_idx {
-                Some(i) => self.models[i].1.charge(now_s),
+        if let Some((id, _)) = model {
+            match model_idx.and_then(|i| self.models.get_mut(i)) {
+                Some((_, w)) => w.charge(now_s),
                 None => {
                     let mut w = Window::default();
                     w.charge(now_s);
-                    self.models.push((name.to_string(), w));
+                    self.models.push((id, w));
                 }
             }
         }
         Ok(())
     }
 
+    pub fn encoded_len(&self) -> usize {
+        1 + self.credential.encoded_len() + 2 + self.models.iter().map(|(_, w)| 8 + w.encoded_len()).sum::<usize>()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let names: usize = self.models.iter().map(|(m, w)| 2 + m.len().min(u16::MAX as usize) + w.encoded_len()).sum();
-        let mut out = Vec::with_capacity(1 + self.credential.encoded_len() + 2 + names);
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.push(VERSION);
         self.credential.encode(&mut out);
         out.extend_from_slice(&(self.models.len() as u16).to_le_bytes());
-        for (name, w) in &self.models {
-            let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
-            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            out.extend_from_slice(name);
+        for (id, w) in &self.models {
+            out.extend_from_slice(&id.to_le_bytes());
             w.encode(&mut out);
         }
         out
     }
 
-    /// A missing, corrupt or other-version record reads as empty (it is rewritten on next charge).
-    pub fn decode(bytes: Option<&[u8]>) -> RateRecord {
-        bytes.and_then(Self::try_decode).unwrap_or_default()
-    }
-
-    fn try_decode(mut input: &[u8]) -> Option<RateRecord> {
-        if take(&mut input, 1)? != [VERSION] {
+    /// `None` for a corrupt or other-version record (the caller resets it).
+    pub fn decode(mut input: &[u8]) -> Option<RateRecord> {
+        let credential = Self::decode_head(&mut input)?;
+        let n = u16::from_le_bytes(take(&mut input, 2)?.try_into().ok()?) as usize;
+        if n > MAX_MODEL_WINDOWS {
             return None;
         }
-        let credential = Window::decode(&mut input)?;
-        let n = u16::from_le_bytes(take(&mut input, 2)?.try_into().ok()?) as usize;
-        let mut models = Vec::with_capacity(n.min(MAX_MODEL_WINDOWS));
+        let mut models = Vec::with_capacity(n);
         for _ in 0..n {
-            let len = u16::from_le_bytes(take(&mut input, 2)?.try_into().ok()?) as usize;
-            let name = std::str::from_utf8(take(&mut input, len)?).ok()?.to_string();
-            models.push((name, Window::decode(&mut input)?));
+            let id = u64::from_le_bytes(take(&mut input, 8)?.try_into().ok()?);
+            models.push((id, Window::decode(&mut input)?));
         }
         input.is_empty().then_some(RateRecord { credential, models })
+    }
+
+    fn decode_head(input: &mut &[u8]) -> Option<Window> {
+        if take(input, 1)? != [VERSION] {
+            return None;
+        }
+        Window::decode(input)
+    }
+
+    /// Only the credential window (the 1 s gauge needs nothing else).
+    pub fn decode_credential(mut input: &[u8]) -> Option<Window> {
+        Self::decode_head(&mut input)
     }
 }
 
@@ -222,7 +251,7 @@ mod tests {
         let mut r = RateRecord::default();
         assert!(r.try_admit(100, Rpm::Limit(2), None).is_ok());
         assert!(r.try_admit(110, Rpm::Limit(2), None).is_ok());
-        assert_eq!(r.try_admit(120, Rpm::Limit(2), None), Err(Refused::Full { retry_after: 40 }));
+        assert_eq!(r.try_admit(120, Rpm::Limit(2), None), Err(Refused::Full { retry_after: 41 }));
         assert_eq!(r.credential.count(), 2);
     }
 
@@ -232,11 +261,11 @@ mod tests {
         for t in 0..3 {
             r.try_admit(1000 + t, Rpm::Limit(3), None).unwrap();
         }
-        r.prune(1059);
-        assert!(r.try_admit(1059, Rpm::Limit(3), None).is_err());
         r.prune(1060);
-        assert_eq!(r.credential.count(), 2, "the admission at 1000 left the window at 1060");
-        assert!(r.try_admit(1060, Rpm::Limit(3), None).is_ok());
+        assert!(r.try_admit(1060, Rpm::Limit(3), None).is_err(), "an admission in second 1000 may have been at 1000.9");
+        r.prune(1061);
+        assert_eq!(r.credential.count(), 2, "the admission at 1000 left the window at 1061");
+        assert!(r.try_admit(1061, Rpm::Limit(3), None).is_ok());
         r.prune(1200);
         assert_eq!(r.credential.count(), 0);
     }
@@ -255,7 +284,7 @@ mod tests {
         let mut r = RateRecord::default();
         r.try_admit(0, Rpm::Limit(10), Some(("gpt", Rpm::Limit(1)))).unwrap();
         let before = r.clone();
-        assert_eq!(r.try_admit(1, Rpm::Limit(10), Some(("gpt", Rpm::Limit(1)))), Err(Refused::Full { retry_after: 59 }));
+        assert_eq!(r.try_admit(1, Rpm::Limit(10), Some(("gpt", Rpm::Limit(1)))), Err(Refused::Full { retry_after: 60 }));
         assert_eq!(r, before, "a refused model slot must not charge the credential");
         r.try_admit(1, Rpm::Limit(10), Some(("other", Rpm::Limit(1)))).unwrap();
         assert_eq!(r.credential.count(), 2);
@@ -272,9 +301,9 @@ mod tests {
         r.try_admit(10, Rpm::Limit(3), None).unwrap();
         r.try_admit(20, Rpm::Limit(3), None).unwrap();
         r.try_admit(30, Rpm::Limit(3), None).unwrap();
-        assert_eq!(r.try_admit(45, Rpm::Limit(3), None), Err(Refused::Full { retry_after: 25 }));
-        // Lowering the limit to 2 needs two admissions to expire: the one at 20 frees at 80.
-        assert_eq!(r.try_admit(45, Rpm::Limit(2), None), Err(Refused::Full { retry_after: 35 }));
+        assert_eq!(r.try_admit(45, Rpm::Limit(3), None), Err(Refused::Full { retry_after: 26 }));
+        // Lowering the limit to 2 needs two admissions to expire: the one at 20 frees at 81.
+        assert_eq!(r.try_admit(45, Rpm::Limit(2), None), Err(Refused::Full { retry_after: 36 }));
     }
 
     #[test]
@@ -283,17 +312,17 @@ mod tests {
         r.try_admit(7, Rpm::Limit(5), Some(("gpt-4o", Rpm::Limit(5)))).unwrap();
         r.try_admit(8, Rpm::Limit(5), Some(("m", Rpm::Limit(5)))).unwrap();
         let bytes = r.encode();
-        assert_eq!(RateRecord::decode(Some(&bytes)), r);
+        assert_eq!(RateRecord::decode(&bytes), Some(r.clone()));
+        assert_eq!(RateRecord::decode_credential(&bytes), Some(r.credential.clone()));
         for cut in 0..bytes.len() {
-            assert_eq!(RateRecord::decode(Some(&bytes[..cut])), RateRecord::default(), "truncated at {cut}");
+            assert_eq!(RateRecord::decode(&bytes[..cut]), None, "truncated at {cut}");
         }
         let mut other_version = bytes.clone();
         other_version[0] = 9;
-        assert_eq!(RateRecord::decode(Some(&other_version)), RateRecord::default());
+        assert_eq!(RateRecord::decode(&other_version), None);
         let mut trailing = bytes;
         trailing.push(0);
-        assert_eq!(RateRecord::decode(Some(&trailing)), RateRecord::default());
-        assert_eq!(RateRecord::decode(None), RateRecord::default());
+        assert_eq!(RateRecord::decode(&trailing), None);
     }
 
     #[test]
@@ -302,7 +331,7 @@ mod tests {
         r.try_admit(1000, Rpm::Limit(3), None).unwrap();
         r.prune(990);
         r.try_admit(990, Rpm::Limit(3), None).unwrap();
-        assert_eq!(RateRecord::decode(Some(&r.encode())), r, "buckets stay ascending");
+        assert_eq!(RateRecord::decode(&r.encode()), Some(r.clone()), "buckets stay ascending");
         assert_eq!(r.credential.count(), 2);
         r.prune(500);
         assert_eq!(r.credential.count(), 0, "a bucket far in the future is forgotten");
@@ -310,10 +339,10 @@ mod tests {
 
     #[test]
     fn huge_counts_from_a_corrupt_record_saturate() {
-        let bytes = [1u8, 1, 0, 4, 0, 0, 255, 255, 255, 255, 0, 0];
-        let mut r = RateRecord::decode(Some(&bytes));
+        let bytes = [VERSION, 1, 0, 4, 0, 0, 255, 255, 255, 255, 0, 0];
+        let mut r = RateRecord::decode(&bytes).unwrap();
         r.prune(1024);
-        assert_eq!(r.try_admit(1024, Rpm::Limit(5), None), Err(Refused::Full { retry_after: 60 }));
+        assert_eq!(r.try_admit(1024, Rpm::Limit(5), None), Err(Refused::Full { retry_after: 61 }));
         r.credential.charge(1024);
         assert_eq!(r.credential.count(), u32::MAX);
     }
@@ -323,7 +352,7 @@ mod tests {
         let mut r = RateRecord::default();
         r.try_admit(0, Rpm::Unlimited, Some(("a", Rpm::Limit(5)))).unwrap();
         r.try_admit(30, Rpm::Unlimited, Some(("b", Rpm::Limit(5)))).unwrap();
-        r.prune(61);
+        r.prune(62);
         assert_eq!(r.models.len(), 1);
         assert!(r.model_window("b").is_some());
     }
@@ -336,5 +365,40 @@ mod tests {
         }
         assert_eq!(r.try_admit(0, Rpm::Unlimited, Some(("one-more", Rpm::Limit(5)))), Err(Refused::TooManyModels));
         assert!(r.try_admit(0, Rpm::Unlimited, Some(("m3", Rpm::Limit(5)))).is_ok());
+    }
+
+    #[test]
+    fn record_bytes_are_bounded_whatever_the_traffic() {
+        // Every model window full (one admission in each of 61 seconds), as many as allowed.
+        let mut r = RateRecord::default();
+        for s in 0..MAX_BUCKETS as u64 {
+            for i in 0..MAX_MODEL_WINDOWS {
+                r.try_admit(s, Rpm::Limit(u32::MAX), Some((&format!("model-with-a-long-name-{i:0>200}"), Rpm::Limit(u32::MAX)))).unwrap();
+            }
+        }
+        assert_eq!(r.models.len(), MAX_MODEL_WINDOWS);
+        let len = r.encode().len();
+        assert_eq!(len, r.encoded_len());
+        assert!(len <= MAX_RECORD_BYTES, "{len} bytes");
+        assert!(MAX_MODEL_WINDOWS >= 100, "room for a provider with many models: {MAX_MODEL_WINDOWS}");
+    }
+
+    #[test]
+    fn any_real_sixty_seconds_hold_at_most_the_limit() {
+        // The case that 60 one-second buckets got wrong: a burst at 0.9 s and another at 60.0 s.
+        let limit = 5;
+        let mut r = RateRecord::default();
+        let mut admitted_ms = vec![];
+        for t_ms in [900u64, 900, 900, 900, 900, 60_000, 60_000, 60_500, 60_950, 61_000, 61_000] {
+            r.prune(t_ms / 1000);
+            if r.try_admit(t_ms / 1000, Rpm::Limit(limit), None).is_ok() {
+                admitted_ms.push(t_ms);
+            }
+        }
+        for &start in &admitted_ms {
+            let n = admitted_ms.iter().filter(|&&a| a >= start && a < start + 60_000).count();
+            assert!(n <= limit as usize, "{n} admissions in the 60 s from {start} ms: {admitted_ms:?}");
+        }
+        assert_eq!(admitted_ms.iter().filter(|&&a| a >= 61_000).count(), 2, "the slots free at 61 s");
     }
 }

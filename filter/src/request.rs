@@ -1,0 +1,335 @@
+//! One client request through the router, as a plain state machine over [`Host`]:
+//! headers → (body) → select → rewrite → continue | reply, then the response status is accounted.
+//! The proxy-wasm layer calls these methods from its callbacks and maps [`Action`].
+//!
+//! A host call that fails gets this one request a 503 JSON reply (never a trap, which would
+//! reload the VM and kill every stream on the worker); if even the reply fails the request stays
+//! paused (fail closed: it never goes upstream unrouted).
+
+use crate::auth;
+use crate::balancer::{self, Selection};
+use crate::body;
+use crate::config::LogLevel;
+use crate::endpoints::{self, Route};
+use crate::errors;
+use crate::fail2ban::BanEvent;
+use crate::host::{Action, Host, HostError, HostResult};
+use crate::models_index::ModelIndex;
+use crate::runtime::{HotKey, Runtime};
+use crate::upstream_status;
+use crate::CLUSTER_HEADER;
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not looked at yet.
+    #[default]
+    Headers,
+    /// Not the router's (another host or path): every callback passes it on untouched.
+    PassThrough,
+    /// An inference request whose body is being buffered and scanned.
+    Body,
+    /// Sent to credential `index`.
+    Routed { index: usize },
+    /// Answered locally.
+    Replied,
+}
+
+#[derive(Debug, Default)]
+pub struct Request {
+    phase: Phase,
+    path: String,
+    endpoint: &'static str,
+    model: Option<String>,
+    /// Body bytes seen so far (Envoy reports the buffered total).
+    body_size: usize,
+    start_ms: u64,
+    /// The response status was accounted (once per request).
+    accounted: bool,
+}
+
+/// The request headers the router reads, from one host call.
+#[derive(Default)]
+struct Seen {
+    method: String,
+    path: String,
+    authority: String,
+    authorization: Option<Vec<u8>>,
+    /// Headers a client must never get through: the internal routing header, its own `x-api-key`.
+    forbidden: Vec<&'static str>,
+    #[cfg(feature = "fault-injection")]
+    fault: bool,
+}
+
+fn seen(host: &dyn Host) -> HostResult<Seen> {
+    let mut s = Seen::default();
+    for (name, value) in host.request_headers()? {
+        match name.as_str() {
+            ":method" => s.method = String::from_utf8_lossy(&value).into_owned(),
+            ":path" => s.path = String::from_utf8_lossy(&value).into_owned(),
+            ":authority" => s.authority = String::from_utf8_lossy(&value).into_owned(),
+            "authorization" => s.authorization = Some(value),
+            CLUSTER_HEADER => s.forbidden.push(CLUSTER_HEADER),
+            "x-api-key" => s.forbidden.push("x-api-key"),
+            #[cfg(feature = "fault-injection")]
+            "x-auto-ai-router-fault" => s.fault = value == b"trap",
+            _ => {}
+        }
+    }
+    s.forbidden.dedup();
+    Ok(s)
+}
+
+/// Whether a request's host is one the router serves (`server.hosts`; empty = every host).
+fn in_scope(rt: &Runtime, authority: &str) -> bool {
+    let _ = (rt, authority);
+    true
+}
+
+impl Request {
+    pub fn on_request_headers(&mut self, rt: Option<&Runtime>, host: &dyn Host, end_of_stream: bool) -> Action {
+        let step = self.headers(rt, host, end_of_stream);
+        self.settle(rt, host, step)
+    }
+
+    pub fn on_request_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Action {
+        if self.phase != Phase::Body {
+            return Action::Continue;
+        }
+        let Some(rt) = rt else { return Action::Pause };
+        self.body_size = body_size;
+        let step = self.body(rt, host, end_of_stream);
+        self.settle(Some(rt), host, step)
+    }
+
+    /// Trailers end the body (an HTTP/2 request may end with them instead of an empty data frame).
+    pub fn on_request_trailers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
+        if self.phase != Phase::Body {
+            return Action::Continue;
+        }
+        let Some(rt) = rt else { return Action::Pause };
+        let step = self.body(rt, host, true);
+        self.settle(Some(rt), host, step)
+    }
+
+    pub fn on_response_headers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
+        let (Some(rt), Phase::Routed { index }) = (rt, self.phase) else { return Action::Continue };
+        if std::mem::replace(&mut self.accounted, true) {
+            return Action::Continue;
+        }
+        let status = host.response_header(":status").ok().flatten().and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok()).unwrap_or(0);
+        let counted = if upstream_status::needs_details(status) {
+            let details = host.property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
+            upstream_status::effective_status(status, &String::from_utf8_lossy(&details))
+        } else {
+            status
+        };
+        self.account(rt, host, index, counted);
+        Action::Continue
+    }
+
+    pub fn on_log(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        if let (Some(rt), Phase::Routed { index }, true) = (rt, self.phase, self.accounted) {
+            let elapsed = host.now_ms().saturating_sub(self.start_ms);
+            rt.record(host, HotKey::Duration(index, self.endpoint), elapsed);
+        }
+    }
+
+    /// Feeds one attempt's status into fail2ban and the metrics.
+    fn account(&self, rt: &Runtime, host: &dyn Host, index: usize, status: u16) {
+        let (Some(cred), Some(key)) = (rt.cfg.credentials.get(index), rt.keys.get(index)) else { return };
+        let now = host.now_ms();
+        match balancer::record_status(host, &rt.cfg, key, status, now) {
+            Ok(event) => {
+                if rt.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
+                    rt.increment(host, HotKey::Errors(index));
+                }
+                if let BanEvent::Banned { until_ms } = event {
+                    rt.record(host, HotKey::Banned(index), 1);
+                    rt.log(host, LogLevel::Warn, || {
+                        let until = if until_ms == u64::MAX { "until restart".to_string() } else { format!("for {} ms", until_ms.saturating_sub(now)) };
+                        format!("auto-ai-router: credential {} banned {until} after {} errors (last status {status})", cred.name, rt.cfg.fail2ban.max_attempts)
+                    });
+                }
+            }
+            Err(e) => {
+                rt.increment(host, HotKey::StateConflicts(index));
+                rt.log(host, LogLevel::Error, || format!("auto-ai-router: status {status} of credential {} not recorded for fail2ban: {e:?}", cred.name));
+            }
+        }
+        rt.increment(host, HotKey::Requests(index, self.endpoint, status));
+        if let Some(model) = &self.model {
+            rt.count_model(host, index, model);
+        }
+    }
+
+    /// Turns a host failure into this request's 503 (the worker lives on).
+    fn settle(&mut self, rt: Option<&Runtime>, host: &dyn Host, step: HostResult<Action>) -> Action {
+        match step {
+            Ok(action) => action,
+            Err(e) => {
+                if let Some(rt) = rt {
+                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: host call failed with status {} on {}; answering 503", e.0, self.endpoint));
+                }
+                self.reply(rt, host, 503, "The router could not process the request.", Some("router_error"), "internal", &[])
+            }
+        }
+    }
+
+    fn reply(&mut self, rt: Option<&Runtime>, host: &dyn Host, status: u16, message: &str, code: Option<&str>, reason: &'static str, extra: &[(&str, &str)]) -> Action {
+        self.reply_body(rt, host, status, &errors::body(status, message, code), reason, extra)
+    }
+
+    fn reply_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, status: u16, body: &str, reason: &'static str, extra: &[(&str, &str)]) -> Action {
+        self.phase = Phase::Replied;
+        if let Some(rt) = rt {
+            rt.increment(host, HotKey::Rejections(reason));
+            rt.log(host, LogLevel::Debug, || format!("auto-ai-router: {status} for {} ({reason})", self.endpoint));
+        }
+        let mut headers = vec![JSON];
+        headers.extend_from_slice(extra);
+        if let Err(e) = host.send_reply(status, &headers, body.as_bytes()) {
+            if let Some(rt) = rt {
+                rt.log(host, LogLevel::Error, || format!("auto-ai-router: local reply failed with status {}; the request stays paused", e.0));
+            }
+        }
+        Action::Pause
+    }
+
+    fn ok_json(&mut self, host: &dyn Host, status: u16, body: &str) -> HostResult<Action> {
+        self.phase = Phase::Replied;
+        host.send_reply(status, &[JSON], body.as_bytes())?;
+        Ok(Action::Pause)
+    }
+
+    fn headers(&mut self, rt: Option<&Runtime>, host: &dyn Host, end_of_stream: bool) -> HostResult<Action> {
+        let seen = seen(host)?;
+        #[cfg(feature = "fault-injection")]
+        #[allow(clippy::panic)]
+        if seen.fault {
+            panic!("fault injection: trap requested");
+        }
+        if rt.is_some_and(|rt| !in_scope(rt, &seen.authority)) {
+            self.phase = Phase::PassThrough;
+            return Ok(Action::Continue);
+        }
+        let route = endpoints::classify(&seen.method, &seen.path);
+        if route == Route::NotRouter {
+            self.phase = Phase::PassThrough;
+            return Ok(Action::Continue);
+        }
+        self.endpoint = endpoints::label(&seen.path);
+        self.path = seen.path;
+        // On the router's own routes a client must never pick the cluster, nor send a key upstream.
+        for name in &seen.forbidden {
+            host.set_request_header(name, None)?;
+        }
+        let Some(rt) = rt else {
+            return Ok(self.reply(None, host, 503, "The router is not configured; see Envoy's log.", Some("router_not_configured"), "no_credential", &[]));
+        };
+        self.start_ms = host.now_ms();
+        match route {
+            Route::Health => {
+                let h = balancer::health(host, &rt.keys, self.start_ms);
+                let status = if h.available() > 0 { 200 } else { 503 };
+                return self.ok_json(host, status, &h.to_json());
+            }
+            Route::BadPath => return Ok(self.reply(Some(rt), host, 404, "Not found.", Some("not_found"), "bad_request", &[])),
+            _ => {}
+        }
+        if let Err(e) = auth::check(seen.authorization.as_deref(), &rt.cfg.server.master_key) {
+            return Ok(self.reply(Some(rt), host, 401, e.message(), Some(e.code()), "auth", &[]));
+        }
+        match route {
+            Route::ListModels if rt.cfg.server.replace_v1_models => {
+                rt.refresh_index(host);
+                let body = rt.index.borrow().list_json();
+                self.ok_json(host, 200, &body)
+            }
+            Route::GetModel(id) if rt.cfg.server.replace_v1_models => {
+                rt.refresh_index(host);
+                let entry = rt.index.borrow().get(&id).map(ModelIndex::entry_json);
+                match entry {
+                    Some(body) => self.ok_json(host, 200, &body),
+                    None => Ok(self.reply_body(Some(rt), host, 404, &errors::model_not_found(&id), "bad_request", &[])),
+                }
+            }
+            Route::Inference if end_of_stream => {
+                let e = body::BodyError::MissingModel;
+                Ok(self.reply(Some(rt), host, 400, &e.message(), Some(e.code()), "bad_request", &[]))
+            }
+            Route::Inference => {
+                self.phase = Phase::Body;
+                Ok(Action::Pause)
+            }
+            _ => self.route_to(rt, host, None),
+        }
+    }
+
+    fn body(&mut self, rt: &Runtime, host: &dyn Host, end_of_stream: bool) -> HostResult<Action> {
+        if self.body_size as u64 > rt.cfg.server.max_body_size_bytes {
+            let msg = format!("The request body is larger than the limit of {} MB.", rt.cfg.server.max_body_size_bytes >> 20);
+            return Ok(self.reply(Some(rt), host, 413, &msg, Some("request_too_large"), "too_large", &[]));
+        }
+        if !end_of_stream {
+            return Ok(Action::Pause);
+        }
+        let bytes = host.request_body(0, self.body_size)?;
+        match body::extract_model(&bytes) {
+            Ok(model) => self.route_to(rt, host, Some(model)),
+            Err(e) => Ok(self.reply(Some(rt), host, 400, &e.message(), Some(e.code()), "bad_request", &[])),
+        }
+    }
+
+    fn route_to(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>) -> HostResult<Action> {
+        rt.refresh_index(host);
+        let now = host.now_ms();
+        let selection = {
+            let index = rt.index.borrow();
+            let model_aware = rt.cfg.server.replace_v1_models;
+            let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
+            balancer::select(host, &rt.cfg, &rt.keys, model.as_deref(), &serves, now)
+        };
+        match selection {
+            Selection::Chosen { index, rpm_current } => {
+                let (Some(cred), Some(bearer)) = (rt.cfg.credentials.get(index), rt.bearer.get(index)) else { return Err(HostError(0)) };
+                host.set_request_header("authorization", Some(bearer.as_bytes()))?;
+                host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
+                if !cred.path_prefix.is_empty() {
+                    let path = format!("{}{}", cred.path_prefix, self.path);
+                    host.set_request_header(":path", Some(path.as_bytes()))?;
+                }
+                host.set_request_header(CLUSTER_HEADER, Some(cred.name.as_bytes()))?;
+                host.clear_route_cache()?;
+                if rpm_current > 0 {
+                    rt.record(host, HotKey::RpmCurrent(index), rpm_current as u64);
+                }
+                rt.log(host, LogLevel::Debug, || format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name));
+                self.phase = Phase::Routed { index };
+                self.model = model;
+                Ok(Action::Continue)
+            }
+            Selection::RateLimited { retry_after } => {
+                let msg = match &model {
+                    Some(m) => format!("Rate limit reached for model '{m}' on every credential. Retry after {retry_after} s."),
+                    None => format!("Rate limit reached on every credential. Retry after {retry_after} s."),
+                };
+                let ra = retry_after.to_string();
+                Ok(self.reply(Some(rt), host, 429, &msg, Some("rate_limit_exceeded"), "rate_limited", &[("retry-after", &ra)]))
+            }
+            Selection::NoModel => {
+                let m = model.as_deref().unwrap_or_default();
+                Ok(self.reply_body(Some(rt), host, 404, &errors::model_not_found(m), "model_not_found", &[]))
+            }
+            Selection::Unavailable { .. } => {
+                let msg = "No credential is available: all that serve this request are banned.";
+                Ok(self.reply(Some(rt), host, 503, msg, Some("no_credential_available"), "no_credential", &[]))
+            }
+            Selection::Busy => {
+                let msg = "The router's shared state is busy; retry the request.";
+                Ok(self.reply(Some(rt), host, 503, msg, Some("router_busy"), "contention", &[("retry-after", "1")]))
+            }
+        }
+    }
+}

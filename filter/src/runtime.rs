@@ -1,0 +1,159 @@
+//! What a worker shares between its request contexts, compiled once per configuration: the
+//! config, each credential's state keys and `Bearer` header, the model index, and the metric-id
+//! caches (so the request path neither builds nor hashes stat names).
+
+use crate::balancer::{self, StateKeys};
+use crate::config::{Config, LogLevel};
+use crate::host::{Host, MetricKind};
+use crate::metrics::{self, FxBuildHasher};
+use crate::models_index::ModelIndex;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Distinct model label values per worker before the rest are counted as "other".
+pub const MAX_MODEL_LABELS: usize = 512;
+
+pub struct Runtime {
+    pub cfg: Config,
+    pub keys: Vec<StateKeys>,
+    /// `Bearer <api_key>` per credential, built once.
+    pub bearer: Vec<String>,
+    pub index: RefCell<ModelIndex>,
+    metric_ids: RefCell<HashMap<String, u32, FxBuildHasher>>,
+    /// Scratch buffer for stat names (no allocation per metric).
+    name_buf: RefCell<String>,
+    hot_ids: RefCell<HashMap<HotKey, u32, FxBuildHasher>>,
+    /// `auto_ai_router_model_requests_total` ids: model label → id per credential index.
+    model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
+}
+
+/// A series by its label values (credential as an index): its id is looked up without building or
+/// hashing a stat name. Model series are kept apart in `model_ids` (their labels are not static).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HotKey {
+    RpmCurrent(usize),
+    Banned(usize),
+    Errors(usize),
+    StateConflicts(usize),
+    Rejections(&'static str),
+    Requests(usize, &'static str, u16),
+    Duration(usize, &'static str),
+}
+
+impl Runtime {
+    pub fn new(cfg: Config) -> Runtime {
+        let keys = StateKeys::for_config(&cfg);
+        let bearer = cfg.credentials.iter().map(|c| format!("Bearer {}", c.api_key)).collect();
+        Runtime {
+            cfg,
+            keys,
+            bearer,
+            index: RefCell::new(ModelIndex::default()),
+            metric_ids: RefCell::new(HashMap::default()),
+            name_buf: RefCell::new(String::new()),
+            hot_ids: RefCell::new(HashMap::default()),
+            model_ids: RefCell::new(HashMap::default()),
+        }
+    }
+
+    pub fn log(&self, host: &dyn Host, level: LogLevel, message: impl FnOnce() -> String) {
+        if level >= self.cfg.server.logging_level {
+            host.log(level, &message());
+        }
+    }
+
+    fn credential_name(&self, i: usize) -> &str {
+        self.cfg.credentials.get(i).map_or("unknown", |c| c.name.as_str())
+    }
+
+    fn metric(&self, host: &dyn Host, kind: MetricKind, base: &str, labels: &[(&str, &str)]) -> Option<u32> {
+        let mut name = self.name_buf.borrow_mut();
+        name.clear();
+        metrics::write_stat_name(&mut name, base, labels);
+        if let Some(id) = self.metric_ids.borrow().get(name.as_str()) {
+            return Some(*id);
+        }
+        let id = host.define_metric(kind, &name).ok()?;
+        self.metric_ids.borrow_mut().insert(name.clone(), id);
+        Some(id)
+    }
+
+    fn hot_metric(&self, host: &dyn Host, key: HotKey) -> Option<u32> {
+        if let Some(id) = self.hot_ids.borrow().get(&key) {
+            return Some(*id);
+        }
+        let cred = |i: usize| [("credential", self.credential_name(i))];
+        let id = match key {
+            HotKey::RpmCurrent(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_RPM_CURRENT, &cred(i)),
+            HotKey::Banned(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_BANNED, &cred(i)),
+            HotKey::Errors(i) => self.metric(host, MetricKind::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &cred(i)),
+            HotKey::StateConflicts(i) => self.metric(host, MetricKind::Counter, metrics::STATE_CONFLICTS_TOTAL, &cred(i)),
+            HotKey::Rejections(reason) => self.metric(host, MetricKind::Counter, metrics::REJECTIONS_TOTAL, &[("reason", reason)]),
+            HotKey::Requests(i, endpoint, status) => {
+                let status = status.to_string();
+                let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint), ("status", status.as_str())];
+                self.metric(host, MetricKind::Counter, metrics::REQUESTS_TOTAL, &labels)
+            }
+            HotKey::Duration(i, endpoint) => {
+                let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint)];
+                self.metric(host, MetricKind::Histogram, metrics::REQUEST_DURATION, &labels)
+            }
+        }?;
+        self.hot_ids.borrow_mut().insert(key, id);
+        Some(id)
+    }
+
+    pub fn increment(&self, host: &dyn Host, key: HotKey) {
+        if let Some(id) = self.hot_metric(host, key) {
+            host.increment_metric(id, 1);
+        }
+    }
+
+    pub fn record(&self, host: &dyn Host, key: HotKey, value: u64) {
+        if let Some(id) = self.hot_metric(host, key) {
+            host.record_metric(id, value);
+        }
+    }
+
+    /// Counts a (credential, model) request. Known models always get their own label; other names
+    /// do until MAX_MODEL_LABELS distinct ones, then count as "other" (a client can't grow the set).
+    pub fn count_model(&self, host: &dyn Host, index: usize, model: &str) {
+        let cached = self.model_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let allowed = {
+                    let ids = self.model_ids.borrow();
+                    ids.contains_key(model)
+                        || ids.len() < MAX_MODEL_LABELS
+                        || self.cfg.models.contains_key(model)
+                        || self.index.borrow().get(model).is_some()
+                };
+                let label = if allowed { model } else { "other" };
+                let labels = [("credential", self.credential_name(index)), ("model", label)];
+                let Some(id) = self.metric(host, MetricKind::Counter, metrics::MODEL_REQUESTS_TOTAL, &labels) else { return };
+                let mut ids = self.model_ids.borrow_mut();
+                let per = ids.entry(label.to_string()).or_insert_with(|| vec![None; self.cfg.credentials.len()]);
+                if let Some(slot) = per.get_mut(index) {
+                    *slot = Some(id);
+                }
+                id
+            }
+        };
+        host.increment_metric(id, 1);
+    }
+
+    pub fn refresh_index(&self, host: &dyn Host) {
+        if self.cfg.server.replace_v1_models {
+            self.index.borrow_mut().refresh(host, &self.keys);
+        }
+    }
+
+    pub fn update_gauges(&self, host: &dyn Host, now: u64) {
+        for (i, k) in self.keys.iter().enumerate() {
+            let banned = balancer::ban_state(host, &k.ban, now).is_some_and(|r| r.is_banned(now));
+            self.record(host, HotKey::Banned(i), banned as u64);
+            self.record(host, HotKey::RpmCurrent(i), balancer::rpm_current(host, k, now) as u64);
+        }
+    }
+}
