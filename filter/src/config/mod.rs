@@ -1,19 +1,40 @@
 //! Seed-compatible configuration (SPEC §3): serde types for the document as users write it
 //! (`RawConfig`), and `validate` that compiles it once into the `Config` the request path uses.
 //! The CLI uses the same functions, so both reject exactly the same documents.
+//!
+//! Errors name the key, the credential and the value, but never a secret: `api_key` and
+//! `master_key` values are not shown (not even when they are not strings), and a `base_url` is
+//! shown with its user-info and query masked.
 
+mod hosts;
+mod url;
+mod values;
+
+pub use hosts::{host_matches, split_authority, HostMatch};
+pub use url::redact_url;
+pub use values::{parse_duration, MAX_DURATION};
+
+use crate::body::MAX_MODEL_LEN;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
+use values::{as_int, describe, int_in, invalid, limit_value, resolve_secret};
 
 pub const ENV_PREFIX: &str = "os.environ/";
 const DEFAULT_PORT: u16 = 8080;
 const DEFAULT_MODELS_RPM: i64 = 50;
 const DEFAULT_MAX_BODY_MB: u64 = 100;
+/// A wasm32 VM copies the whole body into its 4 GiB address space, and its memory never shrinks.
+pub const MAX_BODY_MB: i64 = 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_MODELS_REFRESH: Duration = Duration::from_secs(300);
 pub const DEFAULT_ERROR_CODES: [u16; 7] = [401, 403, 429, 500, 502, 503, 504];
+pub const DEFAULT_MAX_PROVIDER_RETRIES: u32 = 2;
+pub const MAX_PROVIDER_RETRIES: i64 = 10;
+pub const DEFAULT_RETRY_ON_STATUS: [u16; 8] = [401, 402, 403, 429, 500, 502, 503, 504];
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(5);
+pub const DEFAULT_COOLDOWN_MAX: Duration = Duration::from_secs(600);
 
 /// The configuration document: `config.yaml` plus `models:` from `models.yaml`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -37,7 +58,7 @@ pub struct RawConfig {
 pub struct RawServer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<serde_yaml::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "values::master_key", skip_serializing_if = "Option::is_none")]
     pub master_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logging_level: Option<String>,
@@ -51,6 +72,17 @@ pub struct RawServer {
     pub max_body_size_mb: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models_refresh: Option<serde_yaml::Value>,
+    /// A list of host names (`name`, `name:port`, `*.suffix`); absent or empty = every host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_provider_retries: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on_status: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_default: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_max: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -60,12 +92,14 @@ pub struct RawCredential {
     /// Accepted for compatibility with the seed (`openai`, ...); all providers speak OpenAI's API.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "values::api_key", skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -79,12 +113,14 @@ pub struct RawFail2Ban {
     pub error_codes: Option<Vec<serde_yaml::Value>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -94,7 +130,8 @@ pub struct RawModelsFile {
     pub models: Vec<RawModel>,
 }
 
-/// A configuration mistake, with the key, the credential and the value it concerns.
+/// A configuration mistake, with the key, the credential and the value it concerns (never the
+/// value of a secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
     /// The document is not valid YAML/JSON, or has a key or type serde refuses.
@@ -113,10 +150,9 @@ impl fmt::Display for ConfigError {
             ConfigError::Syntax { what, message } => write!(f, "{what}: {message}"),
             ConfigError::Invalid { key, value, hint } => write!(f, "{key}: {value} is invalid ({hint})"),
             ConfigError::Missing { key } => write!(f, "{key} is required"),
-            ConfigError::MissingEnv { key, var } => write!(
-                f,
-                "{key}: environment variable {var} (from \"{ENV_PREFIX}{var}\") is not set or empty"
-            ),
+            ConfigError::MissingEnv { key, var } => {
+                write!(f, "{key}: environment variable {var} (from \"{ENV_PREFIX}{var}\") is not set or empty")
+            }
             ConfigError::Duplicate { key, value } => write!(f, "{key}: duplicate name \"{value}\""),
         }
     }
@@ -124,12 +160,15 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A limit where -1 means none.
+/// A per-minute limit where -1 means none (`rpm`, and `tpm` through [`Tpm`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rpm {
     Unlimited,
     Limit(u32),
 }
+
+/// Tokens per minute: the same kind of limit as [`Rpm`] (positive, or -1 / absent for none).
+pub type Tpm = Rpm;
 
 impl Rpm {
     pub fn as_i64(self) -> i64 {
@@ -174,6 +213,8 @@ pub struct Credential {
     /// Base path without a trailing `/` or `/v1`; prepended to the client's path.
     pub path_prefix: String,
     pub rpm: Rpm,
+    /// Absent = unlimited.
+    pub tpm: Tpm,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +229,23 @@ pub struct Server {
     pub max_body_size_bytes: u64,
     /// None = fetch model lists only at start.
     pub models_refresh: Option<Duration>,
+    /// The request hosts the router answers for; empty = every host.
+    pub hosts: Vec<HostMatch>,
+    /// How many other credentials a failed request may be retried on (0-10).
+    pub max_provider_retries: u32,
+    /// Provider statuses (400-599) that make the router try another credential.
+    pub retry_on_status: Vec<u16>,
+    /// How long a credential rests after a provider 429 that gives no hint.
+    pub cooldown_default: Duration,
+    /// The longest rest a provider's hint can ask for.
+    pub cooldown_max: Duration,
+}
+
+impl Server {
+    /// Whether a request for `authority` (`host` or `host:port`) is the router's.
+    pub fn host_matches(&self, authority: &str) -> bool {
+        host_matches(&self.hosts, authority)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,12 +262,24 @@ pub struct Config {
     pub fail2ban: Fail2Ban,
     /// Model limits from models.yaml (looked up on every request).
     pub models: HashMap<String, Rpm>,
+    /// Token limits of the models.yaml entries that have `tpm`.
+    pub model_tpms: HashMap<String, Tpm>,
 }
 
 impl Config {
     /// The limit for a model: its models.yaml entry, else `default_models_rpm`.
     pub fn model_rpm(&self, model: &str) -> Rpm {
         self.models.get(model).copied().unwrap_or(self.server.default_models_rpm)
+    }
+
+    /// The token limit for a model: its models.yaml `tpm`, else unlimited.
+    pub fn model_tpm(&self, model: &str) -> Tpm {
+        self.model_tpms.get(model).copied().unwrap_or(Rpm::Unlimited)
+    }
+
+    /// Whether a request for `authority` is the router's (see [`Server::host_matches`]).
+    pub fn host_matches(&self, authority: &str) -> bool {
+        self.server.host_matches(authority)
     }
 }
 
@@ -221,21 +291,16 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
             message: "is empty (expected server, credentials, fail2ban)".into(),
         });
     }
-    serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
-        what: "configuration".into(),
-        message: e.to_string(),
-    })
+    serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax { what: "configuration".into(), message: e.to_string() })
 }
 
-/// Parses `models.yaml` (`models: [{name, rpm}]`).
+/// Parses `models.yaml` (`models: [{name, rpm, tpm}]`).
 pub fn parse_models_yaml(text: &str) -> Result<Vec<RawModel>, ConfigError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let file: RawModelsFile = serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
-        what: "models.yaml".into(),
-        message: e.to_string(),
-    })?;
+    let file: RawModelsFile =
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax { what: "models.yaml".into(), message: e.to_string() })?;
     Ok(file.models)
 }
 
@@ -244,151 +309,9 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, 
     validate(&parse_raw(text)?, env)
 }
 
-fn describe(v: &serde_yaml::Value) -> String {
-    match v {
-        serde_yaml::Value::String(s) => format!("\"{s}\""),
-        serde_yaml::Value::Null => "null".into(),
-        other => serde_yaml::to_string(other)
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_else(|_| "?".into()),
-    }
-}
-
-fn invalid(key: &str, v: &serde_yaml::Value, hint: &str) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), value: describe(v), hint: hint.into() }
-}
-
-/// An integer given as a number or a numeric string ("-1").
-fn as_int(v: &serde_yaml::Value) -> Option<i64> {
-    match v {
-        serde_yaml::Value::Number(n) => n.as_i64(),
-        serde_yaml::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-fn rpm_value(key: &str, v: &serde_yaml::Value) -> Result<Rpm, ConfigError> {
-    const HINT: &str = "use a positive number or -1";
-    match as_int(v) {
-        Some(-1) => Ok(Rpm::Unlimited),
-        Some(n) if n > 0 && n <= u32::MAX as i64 => Ok(Rpm::Limit(n as u32)),
-        _ => Err(invalid(key, v, HINT)),
-    }
-}
-
-/// A Go-style duration ("30s", "5m", "1h30m", "250ms"); `allow_off` accepts -1 (number or string).
-pub fn parse_duration(key: &str, v: &serde_yaml::Value, allow_off: bool) -> Result<Option<Duration>, ConfigError> {
-    let hint = if allow_off {
-        "use a duration like \"30s\", \"5m\", \"1h\", or -1 for none"
-    } else {
-        "use a duration like \"30s\", \"5m\", \"1h\""
-    };
-    if let Some(n) = as_int(v) {
-        return match n {
-            -1 if allow_off => Ok(None),
-            // A bare number of seconds is what YAML users often mean.
-            n if n > 0 => Ok(Some(Duration::from_secs(n as u64))),
-            _ => Err(invalid(key, v, hint)),
-        };
-    }
-    let s = v.as_str().ok_or_else(|| invalid(key, v, hint))?;
-    match humantime::parse_duration(s.trim()) {
-        Ok(d) if !d.is_zero() => Ok(Some(d)),
-        _ => Err(invalid(key, v, hint)),
-    }
-}
-
-fn resolve_secret(
-    key: &str,
-    value: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
-    match value.strip_prefix(ENV_PREFIX) {
-        Some(var) => {
-            let var = var.trim();
-            if var.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: key.into(),
-                    value: format!("\"{ENV_PREFIX}\""),
-                    hint: "name the environment variable after os.environ/".into(),
-                });
-            }
-            match env(var) {
-                Some(v) if !v.is_empty() => Ok(v),
-                _ => Err(ConfigError::MissingEnv { key: key.into(), var: var.into() }),
-            }
-        }
-        None if value.is_empty() => Err(ConfigError::Missing { key: key.into() }),
-        None => Ok(value.to_string()),
-    }
-}
-
 /// A credential name becomes an Envoy cluster name, a header value and a metric label.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
-}
-
-struct ParsedUrl {
-    scheme: Scheme,
-    host: String,
-    port: u16,
-    authority: String,
-    path_prefix: String,
-    normalized: String,
-}
-
-fn parse_base_url(key: &str, raw: &str) -> Result<ParsedUrl, ConfigError> {
-    let bad = |hint: &str| ConfigError::Invalid { key: key.into(), value: format!("\"{raw}\""), hint: hint.into() };
-    let url = raw.trim();
-    let (scheme, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (Scheme::Https, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (Scheme::Http, r)
-    } else {
-        return Err(bad("use an http:// or https:// URL"));
-    };
-    if rest.contains(['?', '#', '@']) {
-        return Err(bad("no query, fragment or user info allowed"));
-    }
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
-    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-        // IPv6 literal.
-        let end = h.find(']').ok_or_else(|| bad("unclosed [ in host"))?;
-        let after = &h[end + 1..];
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse::<u16>().map_err(|_| bad("port must be 1-65535"))?,
-            None if after.is_empty() => default_port,
-            None => return Err(bad("unexpected text after ]")),
-        };
-        (h[..end].to_string(), port)
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| bad("port must be 1-65535"))?),
-            None => (hostport.to_string(), default_port),
-        }
-    };
-    if host.is_empty() || port == 0 {
-        return Err(bad("the URL needs a host (and a port 1-65535)"));
-    }
-    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) {
-        return Err(bad("the host has characters a host name cannot have"));
-    }
-    let mut path = path.trim_end_matches('/').to_string();
-    if path.ends_with("/v1") {
-        path.truncate(path.len() - 3);
-        path = path.trim_end_matches('/').to_string();
-    }
-    let host_in_url = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-    let authority = if port == default_port { host_in_url.clone() } else { format!("{host_in_url}:{port}") };
-    let scheme_str = if scheme == Scheme::Https { "https" } else { "http" };
-    let normalized = format!("{scheme_str}://{authority}{path}");
-    Ok(ParsedUrl { scheme, host, port, authority, path_prefix: path, normalized })
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 fn log_level(v: &str) -> Option<LogLevel> {
@@ -401,15 +324,36 @@ fn log_level(v: &str) -> Option<LogLevel> {
     }
 }
 
+/// A key that must hold a list.
+fn list<'a>(key: &str, v: &'a serde_yaml::Value, hint: &str) -> Result<&'a [serde_yaml::Value], ConfigError> {
+    match v {
+        serde_yaml::Value::Sequence(s) => Ok(s),
+        serde_yaml::Value::Null => Ok(&[]),
+        other => Err(invalid(key, other, hint)),
+    }
+}
+
+/// A duration key that has a default and no "off".
+fn duration_or(key: &str, v: Option<&serde_yaml::Value>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => Ok(parse_duration(key, v, false)?.unwrap_or(default)),
+    }
+}
+
 /// Compiles the document into the runtime configuration, or names the first mistake.
 pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let s = &raw.server;
+    let server = validate_server(&raw.server, env)?;
+    let credentials = validate_credentials(&raw.credentials, env)?;
+    let fail2ban = validate_fail2ban(raw.fail2ban.as_ref())?;
+    let (models, model_tpms) = validate_models(&raw.models, server.default_models_rpm)?;
+    Ok(Config { server, credentials, fail2ban, models, model_tpms })
+}
+
+fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Result<Server, ConfigError> {
     let port = match &s.port {
         None => DEFAULT_PORT,
-        Some(v) => match as_int(v) {
-            Some(p) if (1..=65535).contains(&p) => p as u16,
-            _ => return Err(invalid("server.port", v, "use a port number 1-65535")),
-        },
+        Some(v) => int_in("server.port", v, 1..=65535, "use a port number 1-65535")? as u16,
     };
     let master_key = match &s.master_key {
         None => return Err(ConfigError::Missing { key: "server.master_key".into() }),
@@ -419,7 +363,7 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         None => LogLevel::Info,
         Some(l) => log_level(l).ok_or_else(|| ConfigError::Invalid {
             key: "server.logging_level".into(),
-            value: format!("\"{l}\""),
+            value: format!("{l:?}"),
             hint: "use debug, info, warn or error".into(),
         })?,
     };
@@ -431,15 +375,15 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         None => Rpm::Limit(DEFAULT_MODELS_RPM as u32),
         Some(v) => match as_int(v) {
             Some(0) => Rpm::Limit(DEFAULT_MODELS_RPM as u32),
-            _ => rpm_value("server.default_models_rpm", v)?,
+            _ => limit_value("server.default_models_rpm", v)?,
         },
     };
     let max_body_size_bytes = match &s.max_body_size_mb {
         None => DEFAULT_MAX_BODY_MB << 20,
-        Some(v) => match as_int(v) {
-            Some(n) if (1..=4096).contains(&n) => (n as u64) << 20,
-            _ => return Err(invalid("server.max_body_size_mb", v, "use a number of megabytes from 1 to 4096")),
-        },
+        Some(v) => {
+            let hint = format!("use a number of megabytes from 1 to {MAX_BODY_MB}: the filter holds the whole body in a wasm32 VM");
+            (int_in("server.max_body_size_mb", v, 1..=MAX_BODY_MB, &hint)? as u64) << 20
+        }
     };
     let models_refresh = match &s.models_refresh {
         None => Some(DEFAULT_MODELS_REFRESH),
@@ -451,26 +395,93 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             d => d,
         },
     };
+    let hosts = match &s.hosts {
+        None => Vec::new(),
+        Some(v) => validate_hosts(v)?,
+    };
+    let max_provider_retries = match &s.max_provider_retries {
+        None => DEFAULT_MAX_PROVIDER_RETRIES,
+        Some(v) => int_in("server.max_provider_retries", v, 0..=MAX_PROVIDER_RETRIES, "use a number from 0 to 10")? as u32,
+    };
+    let retry_on_status = match &s.retry_on_status {
+        None => DEFAULT_RETRY_ON_STATUS.to_vec(),
+        Some(v) => {
+            let mut codes = Vec::new();
+            for (i, c) in list("server.retry_on_status", v, "use a list of HTTP statuses like [429, 503]")?.iter().enumerate() {
+                let code = int_in(&format!("server.retry_on_status[{i}]"), c, 400..=599, "use an HTTP status from 400 to 599")? as u16;
+                if !codes.contains(&code) {
+                    codes.push(code);
+                }
+            }
+            codes
+        }
+    };
+    let cooldown_default = duration_or("server.cooldown_default", s.cooldown_default.as_ref(), DEFAULT_COOLDOWN)?;
+    let cooldown_max = duration_or("server.cooldown_max", s.cooldown_max.as_ref(), DEFAULT_COOLDOWN_MAX)?;
+    if cooldown_default > cooldown_max {
+        let (key, v) = match (&s.cooldown_default, &s.cooldown_max) {
+            (Some(v), _) => ("server.cooldown_default", describe(v)),
+            (None, Some(v)) => ("server.cooldown_max", describe(v)),
+            (None, None) => ("server.cooldown_default", humantime::format_duration(cooldown_default).to_string()),
+        };
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            value: v,
+            hint: format!(
+                "server.cooldown_default ({}) must not be longer than server.cooldown_max ({})",
+                humantime::format_duration(cooldown_default),
+                humantime::format_duration(cooldown_max)
+            ),
+        });
+    }
+    Ok(Server {
+        port,
+        master_key,
+        logging_level,
+        replace_v1_models: s.replace_v1_models.unwrap_or(false),
+        request_timeout,
+        default_models_rpm,
+        max_body_size_bytes,
+        models_refresh,
+        hosts,
+        max_provider_retries,
+        retry_on_status,
+        cooldown_default,
+        cooldown_max,
+    })
+}
 
-    if raw.credentials.is_empty() {
+fn validate_hosts(v: &serde_yaml::Value) -> Result<Vec<HostMatch>, ConfigError> {
+    const HINT: &str = "use a list of host names like [ai.example.com, \"*.example.com\", \"localhost:8080\"]";
+    let mut hosts = Vec::new();
+    for (i, h) in list("server.hosts", v, HINT)?.iter().enumerate() {
+        let key = format!("server.hosts[{i}]");
+        let entry = h.as_str().ok_or_else(|| invalid(&key, h, "use a host name, host:port or *.suffix"))?;
+        let m = HostMatch::parse(entry).map_err(|hint| invalid(&key, h, hint))?;
+        if hosts.contains(&m) {
+            return Err(ConfigError::Duplicate { key, value: entry.trim().to_string() });
+        }
+        hosts.push(m);
+    }
+    Ok(hosts)
+}
+
+fn validate_credentials(list: &[serde_yaml::Value], env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Credential>, ConfigError> {
+    if list.is_empty() {
         return Err(ConfigError::Missing { key: "credentials (at least one)".into() });
     }
     let mut names = HashSet::new();
-    let mut credentials = Vec::with_capacity(raw.credentials.len());
-    for (i, value) in raw.credentials.iter().enumerate() {
-        let name_hint = value
-            .get("name")
-            .and_then(|n| n.as_str())
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default();
+    let mut credentials = Vec::with_capacity(list.len());
+    for (i, value) in list.iter().enumerate() {
+        let name_hint = value.get("name").and_then(|n| n.as_str()).map(|n| format!(" ({n})")).unwrap_or_default();
         let at = format!("credentials[{i}]{name_hint}");
-        let c: RawCredential = serde_yaml::from_value(value.clone())
-            .map_err(|e| ConfigError::Syntax { what: at.clone(), message: e.to_string() })?;
+        let c: RawCredential =
+            serde_yaml::from_value(value.clone()).map_err(|e| ConfigError::Syntax { what: at.clone(), message: e.to_string() })?;
         let name = c.name.clone().ok_or_else(|| ConfigError::Missing { key: format!("{at}: name") })?;
         if !valid_name(&name) {
             return Err(ConfigError::Invalid {
                 key: format!("{at}: name"),
-                value: format!("\"{name}\""),
+                value: format!("{name:?}"),
                 hint: "use 1-64 characters from A-Z a-z 0-9 _ - .".into(),
             });
         }
@@ -482,10 +493,14 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             Some(k) => resolve_secret(&format!("{at}: api_key"), k, env)?,
         };
         let base_url = c.base_url.as_deref().ok_or_else(|| ConfigError::Missing { key: format!("{at}: base_url") })?;
-        let url = parse_base_url(&format!("{at}: base_url"), base_url)?;
+        let url = url::parse_base_url(&format!("{at}: base_url"), base_url)?;
         let rpm = match &c.rpm {
             None => Rpm::Unlimited,
-            Some(v) => rpm_value(&format!("{at}: rpm"), v)?,
+            Some(v) => limit_value(&format!("{at}: rpm"), v)?,
+        };
+        let tpm = match &c.tpm {
+            None => Rpm::Unlimited,
+            Some(v) => limit_value(&format!("{at}: tpm"), v)?,
         };
         credentials.push(Credential {
             name,
@@ -497,22 +512,26 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             authority: url.authority,
             path_prefix: url.path_prefix,
             rpm,
+            tpm,
         });
     }
+    Ok(credentials)
+}
 
-    let f = raw.fail2ban.clone().unwrap_or_default();
+fn validate_fail2ban(f: Option<&RawFail2Ban>) -> Result<Fail2Ban, ConfigError> {
+    let f = f.cloned().unwrap_or_default();
     let max_attempts = match &f.max_attempts {
         None => 3,
-        Some(v) => match as_int(v) {
-            Some(n) if (1..=1_000_000).contains(&n) => n as u32,
-            _ => return Err(invalid("fail2ban.max_attempts", v, "use a positive number")),
-        },
+        Some(v) => int_in("fail2ban.max_attempts", v, 1..=1_000_000, "use a positive number")? as u32,
     };
     let ban_duration = match &f.ban_duration {
         None => BanDuration::Permanent,
         Some(v) if v.as_str().map(|s| s.trim().eq_ignore_ascii_case("permanent")) == Some(true) => BanDuration::Permanent,
         Some(v) => match parse_duration("fail2ban.ban_duration", v, false) {
             Ok(Some(d)) => BanDuration::For(d),
+            Err(ConfigError::Invalid { hint, .. }) if hint.contains("at most") => {
+                return Err(invalid("fail2ban.ban_duration", v, "use \"permanent\" or at most 1 year (8760h)"))
+            }
             _ => return Err(invalid("fail2ban.ban_duration", v, "use \"permanent\" or a duration like \"30s\", \"5m\", \"1h\"")),
         },
     };
@@ -521,20 +540,40 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         Some(list) => {
             let mut codes = Vec::with_capacity(list.len());
             for (i, v) in list.iter().enumerate() {
-                match as_int(v) {
-                    Some(n) if (100..=599).contains(&n) => codes.push(n as u16),
-                    _ => return Err(invalid(&format!("fail2ban.error_codes[{i}]"), v, "use an HTTP status from 100 to 599")),
-                }
+                codes.push(int_in(&format!("fail2ban.error_codes[{i}]"), v, 100..=599, "use an HTTP status from 100 to 599")? as u16);
             }
             codes
         }
     };
+    Ok(Fail2Ban { max_attempts, ban_duration, error_codes })
+}
 
-    let mut models = HashMap::with_capacity(raw.models.len());
-    for (i, m) in raw.models.iter().enumerate() {
-        let at = format!("models[{i}] ({})", m.name);
+/// A model name as shown in keys: long ones are cut, so one bad entry can't flood the message.
+fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 40;
+    if name.chars().count() <= SHOWN {
+        name.to_string()
+    } else {
+        format!("{}...", name.chars().take(SHOWN).collect::<String>())
+    }
+}
+
+type ModelLimits = (HashMap<String, Rpm>, HashMap<String, Tpm>);
+
+fn validate_models(list: &[RawModel], default_models_rpm: Rpm) -> Result<ModelLimits, ConfigError> {
+    let mut models = HashMap::with_capacity(list.len());
+    let mut tpms = HashMap::new();
+    for (i, m) in list.iter().enumerate() {
+        let at = format!("models[{i}] ({})", shown_name(&m.name));
         if m.name.trim().is_empty() {
             return Err(ConfigError::Missing { key: format!("models[{i}]: name") });
+        }
+        if m.name.len() > MAX_MODEL_LEN {
+            return Err(ConfigError::Invalid {
+                key: format!("{at}: name"),
+                value: format!("a name of {} bytes", m.name.len()),
+                hint: format!("use at most {MAX_MODEL_LEN} bytes: a request's model can be no longer, so this entry could never match"),
+            });
         }
         if models.contains_key(&m.name) {
             return Err(ConfigError::Duplicate { key: format!("models[{i}]: name"), value: m.name.clone() });
@@ -543,32 +582,22 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             None => default_models_rpm,
             Some(v) => match as_int(v) {
                 Some(0) => default_models_rpm,
-                _ => rpm_value(&format!("{at}: rpm"), v)?,
+                _ => limit_value(&format!("{at}: rpm"), v)?,
             },
         };
+        if let Some(v) = &m.tpm {
+            tpms.insert(m.name.clone(), limit_value(&format!("{at}: tpm"), v)?);
+        }
         models.insert(m.name.clone(), rpm);
     }
-
-    Ok(Config {
-        server: Server {
-            port,
-            master_key,
-            logging_level,
-            replace_v1_models: s.replace_v1_models.unwrap_or(false),
-            request_timeout,
-            default_models_rpm,
-            max_body_size_bytes,
-            models_refresh,
-        },
-        credentials,
-        fail2ban: Fail2Ban { max_attempts, ban_duration, error_codes },
-        models,
-    })
+    Ok((models, tpms))
 }
 
-/// The first 7 characters of a secret and `...`, for logs.
+/// A short prefix of a secret and `...`, for logs: at most 7 characters, and at most a quarter of
+/// the secret, so short keys keep most of their entropy hidden.
 pub fn mask(secret: &str) -> String {
-    let head: String = secret.chars().take(7).collect();
+    let keep = (secret.chars().count() / 4).min(7);
+    let head: String = secret.chars().take(keep).collect();
     format!("{head}...")
 }
 
@@ -717,25 +746,6 @@ monitoring:
     }
 
     #[test]
-    fn base_url_normalisation() {
-        let cases = [
-            ("https://api.openai.com/", "api.openai.com", 443, "api.openai.com", ""),
-            ("https://api.openai.com/v1", "api.openai.com", 443, "api.openai.com", ""),
-            ("http://127.0.0.1:8001/v1/", "127.0.0.1", 8001, "127.0.0.1:8001", ""),
-            ("https://x.azure.com/openai/deployments/v1", "x.azure.com", 443, "x.azure.com", "/openai/deployments"),
-            ("http://[::1]:9000", "::1", 9000, "[::1]:9000", ""),
-            ("http://host:80/api", "host", 80, "host", "/api"),
-        ];
-        for (url, host, port, authority, prefix) in cases {
-            let p = parse_base_url("k", url).unwrap();
-            assert_eq!((p.host.as_str(), p.port, p.authority.as_str(), p.path_prefix.as_str()), (host, port, authority, prefix), "{url}");
-        }
-        for bad in ["api.openai.com", "https://", "http://h:0", "http://h:99999", "http://u@h", "http://h?x=1", "http://h h"] {
-            assert!(parse_base_url("k", bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn models_yaml_and_defaults() {
         let models = parse_models_yaml("models:\n  - name: gpt-4o\n    rpm: 50\n  - name: gpt-3.5-turbo\n    rpm: -1\n  - name: m0\n").unwrap();
         let mut raw = parse_raw("server: {master_key: k, default_models_rpm: -1}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]").unwrap();
@@ -761,7 +771,10 @@ monitoring:
 
     #[test]
     fn masks_secrets() {
-        assert_eq!(mask("sk-proj-abcdefgh"), "sk-proj...");
-        assert_eq!(mask("abc"), "abc...");
+        assert_eq!(mask("sk-proj-abcdefghijklmnopqrstuvwxyz012345"), "sk-proj...");
+        assert_eq!(mask("sk-proj-abcdefgh"), "sk-p...");
+        assert_eq!(mask("abcdefgh"), "ab...");
+        assert_eq!(mask("abc"), "...");
+        assert_eq!(mask(""), "...");
     }
 }
