@@ -135,13 +135,28 @@ pub struct RawModelsFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
     /// The document is not valid YAML/JSON, or has a key or type serde refuses.
-    Syntax { what: String, message: String },
+    Syntax {
+        what: String,
+        message: String,
+    },
     /// A key has a value we refuse: `key` is a full path like `credentials[1] (backup): rpm`.
-    Invalid { key: String, value: String, hint: String },
-    Missing { key: String },
+    Invalid {
+        key: String,
+        value: String,
+        hint: String,
+    },
+    Missing {
+        key: String,
+    },
     /// `os.environ/NAME` where NAME is not set in the environment.
-    MissingEnv { key: String, var: String },
-    Duplicate { key: String, value: String },
+    MissingEnv {
+        key: String,
+        var: String,
+    },
+    Duplicate {
+        key: String,
+        value: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -674,11 +689,19 @@ monitoring:
     #[test]
     fn request_timeout_minus_one_as_number_and_string() {
         for v in ["-1", "\"-1\""] {
-            let c = load(&format!("server: {{master_key: k, request_timeout: {v}}}\ncredentials: [{{name: a, api_key: x, base_url: 'http://h'}}]"), &no_env).unwrap();
+            let c = load(
+                &format!("server: {{master_key: k, request_timeout: {v}}}\ncredentials: [{{name: a, api_key: x, base_url: 'http://h'}}]"),
+                &no_env,
+            )
+            .unwrap();
             assert_eq!(c.server.request_timeout, None, "{v}");
         }
         for (v, secs) in [("30s", 30), ("1h", 3600), ("1m30s", 90), ("90", 90)] {
-            let c = load(&format!("server: {{master_key: k, request_timeout: {v}}}\ncredentials: [{{name: a, api_key: x, base_url: 'http://h'}}]"), &no_env).unwrap();
+            let c = load(
+                &format!("server: {{master_key: k, request_timeout: {v}}}\ncredentials: [{{name: a, api_key: x, base_url: 'http://h'}}]"),
+                &no_env,
+            )
+            .unwrap();
             assert_eq!(c.server.request_timeout, Some(Duration::from_secs(secs)), "{v}");
         }
     }
@@ -697,9 +720,12 @@ monitoring:
         assert!(e.starts_with("server.request_timeout: \"soon\" is invalid"), "{e}");
         let e = err("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'ftp://h'}]");
         assert!(e.contains("credentials[0] (a): base_url: \"ftp://h\" is invalid"), "{e}");
-        let e = err("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]\nfail2ban: {ban_duration: forever}");
+        let e =
+            err("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]\nfail2ban: {ban_duration: forever}");
         assert!(e.starts_with("fail2ban.ban_duration: \"forever\" is invalid"), "{e}");
-        let e = err("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]\nfail2ban: {error_codes: [500, 9000]}");
+        let e = err(
+            "server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]\nfail2ban: {error_codes: [500, 9000]}",
+        );
         assert!(e.starts_with("fail2ban.error_codes[1]: 9000 is invalid"), "{e}");
         let e = err("server: {master_key: k, logging_level: loud}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]");
         assert!(e.starts_with("server.logging_level: \"loud\""), "{e}");
@@ -738,17 +764,22 @@ monitoring:
         };
         let c = load("server: {master_key: os.environ/MASTER}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]", &env).unwrap();
         assert_eq!(c.server.master_key, "sk-master-from-env");
-        let e = load("server: {master_key: k}\ncredentials: [{name: a, api_key: os.environ/OPENAI_KEY, base_url: 'http://h'}]", &env).unwrap_err();
+        let e = load("server: {master_key: k}\ncredentials: [{name: a, api_key: os.environ/OPENAI_KEY, base_url: 'http://h'}]", &env)
+            .unwrap_err();
         assert_eq!(e, ConfigError::MissingEnv { key: "credentials[0] (a): api_key".into(), var: "OPENAI_KEY".into() });
         assert!(e.to_string().contains("OPENAI_KEY"));
-        let e = load("server: {master_key: os.environ/EMPTY}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]", &env).unwrap_err();
+        let e =
+            load("server: {master_key: os.environ/EMPTY}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]", &env).unwrap_err();
         assert!(matches!(e, ConfigError::MissingEnv { .. }));
     }
 
     #[test]
     fn models_yaml_and_defaults() {
-        let models = parse_models_yaml("models:\n  - name: gpt-4o\n    rpm: 50\n  - name: gpt-3.5-turbo\n    rpm: -1\n  - name: m0\n").unwrap();
-        let mut raw = parse_raw("server: {master_key: k, default_models_rpm: -1}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]").unwrap();
+        let models =
+            parse_models_yaml("models:\n  - name: gpt-4o\n    rpm: 50\n  - name: gpt-3.5-turbo\n    rpm: -1\n  - name: m0\n").unwrap();
+        let mut raw =
+            parse_raw("server: {master_key: k, default_models_rpm: -1}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]")
+                .unwrap();
         raw.models = models;
         let c = validate(&raw, &no_env).unwrap();
         assert_eq!(c.model_rpm("gpt-4o"), Rpm::Limit(50));
@@ -766,6 +797,164 @@ monitoring:
         let json = serde_json::to_string(&raw).unwrap();
         let again = parse_raw(&json).unwrap();
         assert_eq!(raw, again);
+        assert_eq!(validate(&again, &no_env).unwrap(), validate(&raw, &no_env).unwrap());
+    }
+
+    fn server(extra: &str) -> Result<Config, ConfigError> {
+        load(&format!("server: {{master_key: k, {extra}}}\ncredentials: [{{name: a, api_key: x, base_url: 'http://h'}}]"), &no_env)
+    }
+
+    #[test]
+    fn non_string_secrets_are_named_without_their_value() {
+        let e = err("server: {master_key: k}\ncredentials: [{name: a, api_key: 12345678, base_url: 'http://h'}]");
+        assert!(e.starts_with("credentials[0] (a): api_key must be a string"), "{e}");
+        assert!(!e.contains("12345678"), "{e}");
+        for v in ["87654321", "true", "1.23456789", "[sk-in-a-list]", "{k: sk-in-a-map}"] {
+            let e = err(&format!("server: {{master_key: {v}}}\ncredentials: [{{name: a, api_key: x, base_url: 'http://h'}}]"));
+            assert!(e.starts_with("configuration: server: master_key must be a string"), "{e}");
+            for secret in ["87654321", "1.23456789", "sk-in-a-list", "sk-in-a-map"] {
+                assert!(!e.contains(secret), "{e}");
+            }
+        }
+        // null is the same as absent.
+        assert_eq!(
+            err("server: {master_key: null}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]"),
+            "server.master_key is required"
+        );
+    }
+
+    #[test]
+    fn base_url_errors_mask_user_info_and_query() {
+        let e = err("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'https://u:sk-userinfo-secret@h/v1?api-key=sk-query-secret'}]");
+        assert!(e.starts_with("credentials[0] (a): base_url: \"https://***@h/v1?***\" is invalid"), "{e}");
+        assert!(!e.contains("sk-userinfo-secret") && !e.contains("sk-query-secret"), "{e}");
+    }
+
+    #[test]
+    fn body_size_is_capped_at_what_a_wasm_vm_holds() {
+        assert_eq!(server("max_body_size_mb: 1024").unwrap().server.max_body_size_bytes, 1024 << 20);
+        for v in ["1025", "4096", "0", "-1", "big"] {
+            let e = server(&format!("max_body_size_mb: {v}")).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("server.max_body_size_mb: {}", if v == "big" { "\"big\"" } else { v })), "{e}");
+            assert!(e.contains("1 to 1024"), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations_are_capped_at_a_year() {
+        assert_eq!(server("request_timeout: 8760h").unwrap().server.request_timeout, Some(MAX_DURATION));
+        assert_eq!(server("request_timeout: 1500ms").unwrap().server.request_timeout, Some(Duration::from_millis(1500)));
+        for v in ["8761h", "31536001", "9223372036854775807", "500000000y", "18446744073709551615s"] {
+            for key in ["request_timeout", "models_refresh", "cooldown_max"] {
+                let e = server(&format!("{key}: {v}")).unwrap_err().to_string();
+                assert!(e.starts_with(&format!("server.{key}: ")), "{e}");
+                assert!(e.contains("is invalid"), "{e}");
+            }
+        }
+        let e = server("request_timeout: 8761h").unwrap_err().to_string();
+        assert_eq!(e, "server.request_timeout: \"8761h\" is invalid (use at most 1 year (8760h))");
+        let e = err("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]\nfail2ban: {ban_duration: 9000h}");
+        assert_eq!(e, "fail2ban.ban_duration: \"9000h\" is invalid (use \"permanent\" or at most 1 year (8760h))");
+    }
+
+    #[test]
+    fn model_names_longer_than_a_request_can_carry_are_refused() {
+        let mut raw = parse_raw("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]").unwrap();
+        raw.models = vec![RawModel { name: "m".repeat(crate::body::MAX_MODEL_LEN), ..RawModel::default() }];
+        assert!(validate(&raw, &no_env).is_ok());
+        raw.models.push(RawModel { name: "x".repeat(crate::body::MAX_MODEL_LEN + 1), ..RawModel::default() });
+        let e = validate(&raw, &no_env).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("models[1] ({}...): name: a name of 257 bytes is invalid (use at most 256 bytes", "x".repeat(40))),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn new_server_keys_have_defaults() {
+        let s = server("port: 8080").unwrap().server;
+        assert!(s.hosts.is_empty());
+        assert!(s.host_matches("anything.example:1"));
+        assert_eq!(s.max_provider_retries, 2);
+        assert_eq!(s.retry_on_status, vec![401, 402, 403, 429, 500, 502, 503, 504]);
+        assert_eq!(s.cooldown_default, Duration::from_secs(5));
+        assert_eq!(s.cooldown_max, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn new_server_keys_parse_and_are_validated() {
+        let c = server("hosts: [AI.example.com, '*.corp.example:8443', '[::1]'], max_provider_retries: 0, retry_on_status: [429, '503', 429], cooldown_default: 2s, cooldown_max: 1h").unwrap();
+        assert_eq!(
+            c.server.hosts,
+            vec![
+                HostMatch::Exact { host: "ai.example.com".into(), port: None },
+                HostMatch::Suffix { suffix: ".corp.example".into(), port: Some(8443) },
+                HostMatch::Exact { host: "::1".into(), port: None },
+            ]
+        );
+        assert!(c.host_matches("ai.EXAMPLE.com:8080"));
+        assert!(c.host_matches("x.corp.example:8443"));
+        assert!(!c.host_matches("x.corp.example"));
+        assert!(!c.host_matches("other.example.com"));
+        assert_eq!(c.server.max_provider_retries, 0);
+        assert_eq!(c.server.retry_on_status, vec![429, 503]);
+        assert_eq!((c.server.cooldown_default, c.server.cooldown_max), (Duration::from_secs(2), Duration::from_secs(3600)));
+        assert!(server("hosts: []").unwrap().server.hosts.is_empty());
+        assert_eq!(server("max_provider_retries: 10").unwrap().server.max_provider_retries, 10);
+        assert!(server("retry_on_status: []").unwrap().server.retry_on_status.is_empty());
+
+        let cases = [
+            ("hosts: ai.example.com", "server.hosts: \"ai.example.com\" is invalid (use a list of host names"),
+            ("hosts: ['a b']", "server.hosts[0]: \"a b\" is invalid (the host has characters"),
+            ("hosts: [ok.example, 'x.*.example']", "server.hosts[1]: \"x.*.example\" is invalid (a wildcard is allowed only"),
+            ("hosts: [5]", "server.hosts[0]: 5 is invalid"),
+            ("hosts: ['h:0']", "server.hosts[0]: \"h:0\" is invalid (port must be 1-65535)"),
+            ("hosts: ['::1']", "server.hosts[0]: \"::1\" is invalid (an IPv6 address needs brackets"),
+            ("hosts: [a.example, A.Example]", "server.hosts[1]: duplicate name \"A.Example\""),
+            ("max_provider_retries: 11", "server.max_provider_retries: 11 is invalid (use a number from 0 to 10)"),
+            ("max_provider_retries: -1", "server.max_provider_retries: -1 is invalid"),
+            ("max_provider_retries: many", "server.max_provider_retries: \"many\" is invalid"),
+            ("retry_on_status: [429, 399]", "server.retry_on_status[1]: 399 is invalid (use an HTTP status from 400 to 599)"),
+            ("retry_on_status: [600]", "server.retry_on_status[0]: 600 is invalid"),
+            ("retry_on_status: 429", "server.retry_on_status: 429 is invalid (use a list of HTTP statuses"),
+            ("cooldown_default: 0s", "server.cooldown_default: \"0s\" is invalid (use a duration"),
+            ("cooldown_default: -1", "server.cooldown_default: -1 is invalid"),
+            ("cooldown_max: soon", "server.cooldown_max: \"soon\" is invalid"),
+            ("cooldown_default: 20m", "server.cooldown_default: \"20m\" is invalid (server.cooldown_default (20m) must not be longer than server.cooldown_max (10m))"),
+            ("cooldown_max: 1s", "server.cooldown_max: \"1s\" is invalid (server.cooldown_default (5s) must not be longer than server.cooldown_max (1s))"),
+            ("retry_statuses: [500]", "unknown field `retry_statuses`"),
+        ];
+        for (extra, want) in cases {
+            let e = server(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn tpm_on_credentials_and_models() {
+        let c = load(&with_cred("tpm: 90000"), &no_env).unwrap();
+        assert_eq!(c.credentials[0].tpm, Tpm::Limit(90000));
+        assert_eq!(c.credentials[0].rpm, Rpm::Unlimited);
+        assert_eq!(load(&with_cred("tpm: -1"), &no_env).unwrap().credentials[0].tpm, Rpm::Unlimited);
+        assert_eq!(load(&with_cred("rpm: 5"), &no_env).unwrap().credentials[0].tpm, Rpm::Unlimited);
+        assert_eq!(err(&with_cred("tpm: 0")), "credentials[0] (a): tpm: 0 is invalid (use a positive number or -1)");
+        assert!(err(&with_cred("tpm: -2")).contains("credentials[0] (a): tpm: -2 is invalid"));
+
+        let mut raw = parse_raw("server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]").unwrap();
+        raw.models =
+            parse_models_yaml("models:\n  - {name: big, rpm: 5, tpm: 100000}\n  - {name: free, tpm: -1}\n  - {name: plain}\n").unwrap();
+        let c = validate(&raw, &no_env).unwrap();
+        assert_eq!(c.model_tpm("big"), Tpm::Limit(100000));
+        assert_eq!(c.model_rpm("big"), Rpm::Limit(5));
+        assert_eq!(c.model_tpm("free"), Tpm::Unlimited);
+        assert_eq!(c.model_rpm("free"), Rpm::Limit(50));
+        assert_eq!(c.model_tpm("plain"), Tpm::Unlimited);
+        assert_eq!(c.model_tpm("unknown"), Tpm::Unlimited);
+        raw.models = parse_models_yaml("models: [{name: m, tpm: 0}]").unwrap();
+        assert_eq!(validate(&raw, &no_env).unwrap_err().to_string(), "models[0] (m): tpm: 0 is invalid (use a positive number or -1)");
+        // The plugin document (JSON) carries the new keys through.
+        let raw = parse_raw(&format!("{}\nmodels: [{{name: m, tpm: 7}}]", with_cred("tpm: 9"))).unwrap();
+        let again = parse_raw(&serde_json::to_string(&raw).unwrap()).unwrap();
         assert_eq!(validate(&again, &no_env).unwrap(), validate(&raw, &no_env).unwrap());
     }
 

@@ -89,7 +89,10 @@ fn check_path(path: &str) -> Result<(), &'static str> {
     while i < b.len() {
         match b[i] {
             b'%' => {
-                let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).ok_or("the path has a % that is not a %XX escape")?;
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                    .ok_or("the path has a % that is not a %XX escape")?;
                 let v = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("00"), 16).unwrap_or(0);
                 if matches!(v, b'.' | b'/' | b'\\') {
                     return Err("the path must not %-escape . / or \\");
@@ -233,7 +236,10 @@ mod tests {
             assert_eq!(redact_url(raw), shown, "{raw}");
         }
         let e = parse_base_url("credentials[0] (a): base_url", "https://me:sk-secret@api.x.com/v1?key=sk-query").unwrap_err().to_string();
-        assert_eq!(e, "credentials[0] (a): base_url: \"https://***@api.x.com/v1?***\" is invalid (no user info allowed: put the key in api_key)");
+        assert_eq!(
+            e,
+            "credentials[0] (a): base_url: \"https://***@api.x.com/v1?***\" is invalid (no user info allowed: put the key in api_key)"
+        );
         let e = parse_base_url("k", "https://api.x.com/v1?key=sk-query").unwrap_err().to_string();
         assert!(e.contains("\"https://api.x.com/v1?***\"") && !e.contains("sk-query"), "{e}");
     }
