@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
-use values::{as_int, describe, int_in, invalid, limit_value, resolve_secret};
+use values::{as_int, describe, int_in, invalid, limit_value, resolve_secret, without_values};
 
 pub const ENV_PREFIX: &str = "os.environ/";
 const DEFAULT_PORT: u16 = 8080;
@@ -306,7 +306,7 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
             message: "is empty (expected server, credentials, fail2ban)".into(),
         });
     }
-    serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax { what: "configuration".into(), message: e.to_string() })
+    serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax { what: "configuration".into(), message: without_values(&e.to_string()) })
 }
 
 /// Parses `models.yaml` (`models: [{name, rpm, tpm}]`).
@@ -314,8 +314,8 @@ pub fn parse_models_yaml(text: &str) -> Result<Vec<RawModel>, ConfigError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let file: RawModelsFile =
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax { what: "models.yaml".into(), message: e.to_string() })?;
+    let file: RawModelsFile = serde_yaml::from_str(text)
+        .map_err(|e| ConfigError::Syntax { what: "models.yaml".into(), message: without_values(&e.to_string()) })?;
     Ok(file.models)
 }
 
@@ -490,8 +490,8 @@ fn validate_credentials(list: &[serde_yaml::Value], env: &dyn Fn(&str) -> Option
     for (i, value) in list.iter().enumerate() {
         let name_hint = value.get("name").and_then(|n| n.as_str()).map(|n| format!(" ({n})")).unwrap_or_default();
         let at = format!("credentials[{i}]{name_hint}");
-        let c: RawCredential =
-            serde_yaml::from_value(value.clone()).map_err(|e| ConfigError::Syntax { what: at.clone(), message: e.to_string() })?;
+        let c: RawCredential = serde_yaml::from_value(value.clone())
+            .map_err(|e| ConfigError::Syntax { what: at.clone(), message: without_values(&e.to_string()) })?;
         let name = c.name.clone().ok_or_else(|| ConfigError::Missing { key: format!("{at}: name") })?;
         if !valid_name(&name) {
             return Err(ConfigError::Invalid {
@@ -542,9 +542,9 @@ fn validate_fail2ban(f: Option<&RawFail2Ban>) -> Result<Fail2Ban, ConfigError> {
     let ban_duration = match &f.ban_duration {
         None => BanDuration::Permanent,
         Some(v) if v.as_str().map(|s| s.trim().eq_ignore_ascii_case("permanent")) == Some(true) => BanDuration::Permanent,
-        Some(v) => match parse_duration("fail2ban.ban_duration", v, false) {
+        Some(v) => match values::duration_of(v, false) {
             Ok(Some(d)) => BanDuration::For(d),
-            Err(ConfigError::Invalid { hint, .. }) if hint.contains("at most") => {
+            Err(values::DurationError::TooLong) => {
                 return Err(invalid("fail2ban.ban_duration", v, "use \"permanent\" or at most 1 year (8760h)"))
             }
             _ => return Err(invalid("fail2ban.ban_duration", v, "use \"permanent\" or a duration like \"30s\", \"5m\", \"1h\"")),
@@ -821,6 +821,43 @@ monitoring:
             err("server: {master_key: null}\ncredentials: [{name: a, api_key: x, base_url: 'http://h'}]"),
             "server.master_key is required"
         );
+    }
+
+    #[test]
+    fn serde_messages_do_not_quote_values() {
+        let cases = [
+            (
+                "server: {master_key: k}\ncredentials: [\"sk-a-whole-key\"]",
+                "credentials[0]: invalid type: a string, expected struct RawCredential",
+            ),
+            ("server: {master_key: k}\ncredentials: \"sk-a-whole-key\"", "credentials: invalid type: a string, expected a sequence"),
+            (
+                "server: {master_key: k, replace_v1_models: \"sk-a-\\\"whole\\\"-key\"}\ncredentials: []",
+                "server.replace_v1_models: invalid type: a string, expected a boolean",
+            ),
+            (
+                "server: {master_key: k}\ncredentials: [{name: a, api_key: x, base_url: 31415926535}]",
+                "credentials[0] (a): invalid type: an integer, expected a string",
+            ),
+            (
+                "server: {master_key: k, replace_v1_models: 2.718281828}\ncredentials: []",
+                "server.replace_v1_models: invalid type: a number, expected a boolean",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(text);
+            assert!(e.contains(want), "{e}");
+            for secret in ["sk-a-whole-key", "whole", "31415926535", "2.718281828"] {
+                assert!(!e.contains(secret), "{e}");
+            }
+        }
+        // Keys are still named.
+        assert!(err(&with_cred("colour: red")).contains("unknown field `colour`, expected one of `name`"));
+        assert_eq!(
+            values::without_values(r#"integer `12` and string "a\\\" b" then boolean `true`"#),
+            "an integer and a string then a boolean"
+        );
+        assert_eq!(values::without_values("cut string \"abc"), "cut a string");
     }
 
     #[test]

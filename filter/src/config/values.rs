@@ -48,32 +48,73 @@ pub(crate) fn int_in(key: &str, v: &serde_yaml::Value, range: std::ops::RangeInc
     }
 }
 
-/// A Go-style duration ("30s", "5m", "1h30m", "250ms"), at most [`MAX_DURATION`]; `allow_off`
-/// accepts -1 (number or string) as `None`.
-pub fn parse_duration(key: &str, v: &serde_yaml::Value, allow_off: bool) -> Result<Option<Duration>, ConfigError> {
-    let hint = if allow_off {
-        "use a duration like \"30s\", \"5m\", \"1h\", or -1 for none"
-    } else {
-        "use a duration like \"30s\", \"5m\", \"1h\""
-    };
-    let d = if let Some(n) = as_int(v) {
-        match n {
-            -1 if allow_off => return Ok(None),
-            // A bare number of seconds is what YAML users often mean.
-            n if n > 0 => Duration::from_secs(n as u64),
-            _ => return Err(invalid(key, v, hint)),
-        }
-    } else {
-        let s = v.as_str().ok_or_else(|| invalid(key, v, hint))?;
-        match humantime::parse_duration(s.trim()) {
-            Ok(d) if !d.is_zero() => d,
-            _ => return Err(invalid(key, v, hint)),
-        }
+pub(crate) enum DurationError {
+    Malformed,
+    TooLong,
+}
+
+/// A Go-style duration ("30s", "5m", "1h30m", "250ms") or a bare number of seconds, at most
+/// [`MAX_DURATION`]; `allow_off` accepts -1 (number or string) as `None`.
+pub(crate) fn duration_of(v: &serde_yaml::Value, allow_off: bool) -> Result<Option<Duration>, DurationError> {
+    let d = match as_int(v) {
+        Some(-1) if allow_off => return Ok(None),
+        // A bare number of seconds is what YAML users often mean.
+        Some(n) if n > 0 => Duration::from_secs(n as u64),
+        Some(_) => return Err(DurationError::Malformed),
+        None => match v.as_str().map(|s| humantime::parse_duration(s.trim())) {
+            Some(Ok(d)) if !d.is_zero() => d,
+            _ => return Err(DurationError::Malformed),
+        },
     };
     if d > MAX_DURATION {
-        return Err(invalid(key, v, "use at most 1 year (8760h)"));
+        return Err(DurationError::TooLong);
     }
     Ok(Some(d))
+}
+
+pub(crate) const TOO_LONG: &str = "use at most 1 year (8760h)";
+
+/// [`duration_of`] with an error that names `key` and the value.
+pub fn parse_duration(key: &str, v: &serde_yaml::Value, allow_off: bool) -> Result<Option<Duration>, ConfigError> {
+    duration_of(v, allow_off).map_err(|e| match e {
+        DurationError::TooLong => invalid(key, v, TOO_LONG),
+        DurationError::Malformed if allow_off => invalid(key, v, "use a duration like \"30s\", \"5m\", \"1h\", or -1 for none"),
+        DurationError::Malformed => invalid(key, v, "use a duration like \"30s\", \"5m\", \"1h\""),
+    })
+}
+
+/// serde's message without the values it quotes (`invalid type: string "sk-…"`, `integer
+/// `12345678``): the document may have put a secret anywhere. Keys (`unknown field `x``) stay.
+pub(crate) fn without_values(msg: &str) -> String {
+    const VALUES: [(&str, char, &str); 5] = [
+        ("string \"", '"', "a string"),
+        ("integer `", '`', "an integer"),
+        ("floating point `", '`', "a number"),
+        ("boolean `", '`', "a boolean"),
+        ("character `", '`', "a character"),
+    ];
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some((at, prefix, close, shown)) =
+        VALUES.iter().filter_map(|&(p, c, r)| rest.find(p).map(|i| (i, p, c, r))).min_by_key(|&(i, ..)| i)
+    {
+        out.push_str(&rest[..at]);
+        out.push_str(shown);
+        let value = &rest[at + prefix.len()..];
+        // Strings are Debug-escaped: the first unescaped quote ends them.
+        let mut escaped = false;
+        let end = value.char_indices().find(|&(_, c)| {
+            let end = !escaped && c == close;
+            escaped = !escaped && c == '\\';
+            end
+        });
+        rest = match end {
+            Some((i, c)) => &value[i + c.len_utf8()..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The value of a secret key: literal, or `os.environ/NAME` looked up through `env`.
