@@ -429,7 +429,7 @@ pub fn append_models(text: Option<&str>, add: &[NewModel]) -> Result<String, Str
 pub fn check_edit(old: &[RawModel], new_text: &str, add: &[NewModel]) -> Result<(), String> {
     let got = config::parse_models_yaml(new_text).map_err(|e| e.to_string())?;
     let mut want = old.to_vec();
-    want.extend(add.iter().map(|m| RawModel { name: m.name.clone(), rpm: Some(serde_yaml::Value::from(m.rpm)) }));
+    want.extend(add.iter().map(|m| RawModel { name: m.name.clone(), rpm: Some(serde_yaml::Value::from(m.rpm)), tpm: None }));
     if got != want {
         return Err(format!(
             "the edited file would list {} model(s) where {} were expected",
@@ -647,7 +647,7 @@ mod tests {
 
     #[test]
     fn redacts_the_key() {
-        assert_eq!(redact("bad key sk-secret-123456", "sk-secret-123456"), "bad key sk-secr...");
+        assert_eq!(redact("bad key sk-secret-123456", "sk-secret-123456"), "bad key sk-s...");
     }
 
     #[test]

@@ -162,3 +162,147 @@ proptest! {
         }
     }
 }
+
+/// A configuration slot: its text (empty = the key is left out) and whether it makes the
+/// document wrong.
+type Slot = (String, bool);
+
+fn master_key_slots(s: &str, n: &str) -> Vec<Slot> {
+    vec![
+        (format!("master_key: \"{s}\""), false),
+        ("master_key: os.environ/MK".into(), false),
+        (format!("master_key: {n}"), true),
+        (format!("master_key: {n}.5"), true),
+        (format!("master_key: [\"{s}\"]"), true),
+        (format!("master_key: {{v: \"{s}\"}}"), true),
+        (format!("master_key: !secret {s}"), true),
+        (String::new(), true),
+    ]
+}
+
+fn api_key_slots(i: usize, s: &str, n: &str) -> Vec<Slot> {
+    vec![
+        (format!("api_key: \"{s}\""), false),
+        (format!("api_key: os.environ/K{i}"), false),
+        (format!("api_key: {n}"), true),
+        (format!("api_key: -{n}"), true),
+        (format!("api_key: [{s}]"), true),
+        (format!("api_key: {{key: {s}}}"), true),
+        ("api_key: os.environ/UNSET".into(), true),
+        (String::new(), true),
+    ]
+}
+
+/// base_urls, most with a secret where keys hide: user-info, query, fragment.
+fn base_url_slots(s: &str) -> Vec<Slot> {
+    let mut v: Vec<Slot> = ["https://api.example.com/v1", "http://127.0.0.1:9000/openai/v1/", "http://[::1]:8000"]
+        .iter()
+        .map(|u| (format!("base_url: '{u}'"), false))
+        .collect();
+    for u in [
+        "https://user:{s}@api.example.com/v1",
+        "https://{s}@api.example.com",
+        "https://api.example.com/v1?api-key={s}",
+        "https://api.example.com/v1?a=1&key={s}#x",
+        "https://api.example.com/#{s}",
+        "https:/u:{s}@api.example.com",
+        "{s}@api.example.com",
+        "http://u:{s}@::1/v1",
+        "http://u:{s}@h:99999",
+        "ftp://u:{s}@h",
+        "https://a b/?k={s}",
+        "https://h/a%zz?k={s}",
+        "http://[::1]:8000/x?{s}",
+        "http://::1/?{s}",
+        "https://h/v1/../x#{s}",
+    ] {
+        v.push((format!("base_url: '{}'", u.replace("{s}", s)), true));
+    }
+    v
+}
+
+fn extra_slots(section: &str) -> Vec<Slot> {
+    let (good, bad): (&[&str], &[&str]) = match section {
+        "server" => (
+            &["", "hosts: [ai.example.com, '*.example.org:8443']", "max_provider_retries: 3", "cooldown_max: 1h", "max_body_size_mb: 1024"],
+            &[
+                "max_body_size_mb: 2048",
+                "hosts: ['a b']",
+                "retry_on_status: [200]",
+                "request_timeout: 9000h",
+                "colour: red",
+                "cooldown_max: 1s",
+                "max_provider_retries: 11",
+            ],
+        ),
+        _ => (&["", "rpm: 5", "tpm: 1000", "rpm: -1, tpm: -1"], &["rpm: 0", "tpm: 0", "colour: red", "rpm: lots"]),
+    };
+    good.iter().map(|t| (t.to_string(), false)).chain(bad.iter().map(|t| (t.to_string(), true))).collect()
+}
+
+/// One of the slots that are wrong (`bad`) or right, chosen by `i`.
+fn pick(slots: Vec<Slot>, (bad, i): (bool, prop::sample::Index)) -> Slot {
+    let mut of_kind: Vec<Slot> = slots.into_iter().filter(|s| s.1 == bad).collect();
+    let k = i.index(of_kind.len());
+    of_kind.swap_remove(k)
+}
+
+fn flow(parts: &[&str]) -> String {
+    parts.iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join(", ")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// No configuration error shows a configured secret (master_key, api_key, resolved from the
+    /// environment or literal, string or not, and keys in a base_url's user-info or query), not even
+    /// 8 characters of one; and the documents without a mistake load.
+    #[test]
+    fn config_errors_never_show_a_secret(
+        secrets in prop::collection::vec("[A-Za-z0-9]{16,28}", 6),
+        numbers in prop::collection::vec("[1-9][0-9]{11,15}", 3),
+        // Each slot is wrong with probability 0.2, so that the first mistake (the one reported) is
+        // often a late one too.
+        slots in prop::collection::vec((prop::bool::weighted(0.2), any::<prop::sample::Index>()), 8),
+        duplicate in prop::bool::weighted(0.1),
+        bare_key in prop::bool::weighted(0.1),
+    ) {
+        let (mk, k0, k1, u0, u1, env_mk) = (&secrets[0], &secrets[1], &secrets[2], &secrets[3], &secrets[4], &secrets[5]);
+        let master = pick(master_key_slots(mk, &numbers[0]), slots[0]);
+        let server_extra = pick(extra_slots("server"), slots[1]);
+        let api0 = pick(api_key_slots(0, k0, &numbers[1]), slots[2]);
+        let url0 = pick(base_url_slots(u0), slots[3]);
+        let extra0 = pick(extra_slots("credential"), slots[4]);
+        let api1 = pick(api_key_slots(1, k1, &numbers[2]), slots[5]);
+        let url1 = pick(base_url_slots(u1), slots[6]);
+        let extra1 = pick(extra_slots("credential"), slots[7]);
+        let name1 = if duplicate { "a" } else { "b" };
+        // The second credential may be just its key, where a mapping belongs.
+        let second = if bare_key { format!("\"{k1}\"") } else { format!("{{{}}}", flow(&[&format!("name: {name1}"), &api1.0, &url1.0, &extra1.0])) };
+        let text = format!(
+            "server: {{{}}}\ncredentials:\n  - {{{}}}\n  - {second}\n",
+            flow(&[&master.0, &server_extra.0]),
+            flow(&["name: a", &api0.0, &url0.0, &extra0.0]),
+        );
+        let env = |n: &str| match n {
+            "MK" => Some(env_mk.clone()),
+            "K0" => Some(format!("env-{k0}")),
+            "K1" => Some(format!("env-{k1}")),
+            _ => None,
+        };
+        let bad = duplicate || bare_key || [&master, &server_extra, &api0, &url0, &extra0, &api1, &url1, &extra1].iter().any(|s| s.1);
+        match config::load(&text, &env) {
+            Ok(_) => prop_assert!(!bad, "accepted a wrong document:\n{}", text),
+            Err(e) => {
+                prop_assert!(bad, "refused a good document:\n{}\n{}", text, e);
+                let msg = e.to_string();
+                for secret in secrets.iter().chain(numbers.iter()) {
+                    for w in secret.as_bytes().windows(8) {
+                        let w = std::str::from_utf8(w).unwrap_or_default();
+                        prop_assert!(!msg.contains(w), "{:?} of a secret in: {}\n{}", w, msg, text);
+                    }
+                }
+            }
+        }
+    }
+}
