@@ -107,10 +107,7 @@ fn merges_two_providers_keeping_entries_and_comments_then_adds_nothing() {
 
     let written = std::fs::read_to_string(&models).unwrap();
     assert!(written.starts_with(EXISTING), "existing text kept byte for byte:\n{written}");
-    assert_eq!(
-        entries(&models),
-        vec![("gpt-4".into(), Some(10)), ("gpt-3.5".into(), Some(40)), ("claude-3".into(), Some(40))]
-    );
+    assert_eq!(entries(&models), vec![("gpt-4".into(), Some(10)), ("gpt-3.5".into(), Some(40)), ("claude-3".into(), Some(40))]);
     // The key went in the Authorization header, and the path kept b's base path.
     assert_eq!(a.mock.stats().by_key.get(KEY_A), Some(&1), "{:?}", a.mock.stats().by_key);
     assert_eq!(b.mock.stats().by_path.get("/v1/models"), Some(&1), "{:?}", b.mock.stats().by_path);
@@ -173,10 +170,7 @@ fn a_wrong_key_is_reported_without_the_key() {
     assert!(err.contains("credential b: GET") && err.contains("HTTP 401"), "{err}");
     assert!(out.contains("added gpt-4 (rpm 50) from a") && !out.contains("claude-3"), "{out}");
     assert_eq!(b.mock.stats().unauthorized, 1);
-    assert_eq!(
-        std::fs::read_to_string(&models).unwrap(),
-        "models: # filled by sync\n  - name: gpt-4\n    rpm: 50\n"
-    );
+    assert_eq!(std::fs::read_to_string(&models).unwrap(), "models: # filled by sync\n  - name: gpt-4\n    rpm: 50\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -228,11 +222,7 @@ fn config_errors_exit_1_before_any_request() {
     let cfg = write_config(&dir, &a.url(), &a.url(), KEY_B, 50);
 
     // The credential's os.environ/ variable is not set: the usual config error, naming it.
-    let o = Command::new(CLI)
-        .args(["models", "sync", "--config", cfg.to_str().unwrap()])
-        .env_remove("SYNC_KEY_A")
-        .output()
-        .unwrap();
+    let o = Command::new(CLI).args(["models", "sync", "--config", cfg.to_str().unwrap()]).env_remove("SYNC_KEY_A").output().unwrap();
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
     assert!(err.contains("credentials[0] (a): api_key") && err.contains("SYNC_KEY_A"), "{err}");
@@ -366,7 +356,11 @@ fn a_long_key_echoed_after_a_long_message_is_redacted_before_the_message_is_cut(
     let (url, provider) = echoing_provider(LONG_KEY);
     let dir = scratch("echo");
     let cfg = dir.join("config.yaml");
-    std::fs::write(&cfg, format!("server: {{master_key: k}}\ncredentials:\n  - name: echo\n    api_key: \"{LONG_KEY}\"\n    base_url: {url}\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("server: {{master_key: k}}\ncredentials:\n  - name: echo\n    api_key: \"{LONG_KEY}\"\n    base_url: {url}\n"),
+    )
+    .unwrap();
     let o = sync(&cfg, &["--dry-run"]);
     provider.join().unwrap();
     let (out, err) = text(&o);

@@ -57,7 +57,9 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
             let ok = r.chat("gpt-4o");
             for x in [&unauth, &ok] {
                 assert!(
-                    (500..600).contains(&x.status) || x.status == 401 && std::ptr::eq(x, &unauth) || x.status == 200 && std::ptr::eq(x, &ok),
+                    (500..600).contains(&x.status)
+                        || x.status == 401 && std::ptr::eq(x, &unauth)
+                        || x.status == 200 && std::ptr::eq(x, &ok),
                     "round {round}: {}",
                     x.describe()
                 );
@@ -82,7 +84,12 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
         for _ in 0..6 {
             assert_eq!(r.chat("gpt-4o").status, 200, "round {round}");
             let denied = r.send(&Request::chat("sk-not-the-key", "gpt-4o"));
-            assert_eq!((denied.status, denied.error_code().as_deref()), (401, Some("invalid_api_key")), "round {round}: {}", denied.describe());
+            assert_eq!(
+                (denied.status, denied.error_code().as_deref()),
+                (401, Some("invalid_api_key")),
+                "round {round}: {}",
+                denied.describe()
+            );
         }
         let log = api_log(&a);
         assert_eq!(log.len(), 6, "round {round}: only the authorised requests reached the provider");
