@@ -4,6 +4,7 @@
 
 pub mod locate;
 pub mod prepare;
+pub mod private;
 pub mod render;
 pub mod run;
 pub mod sync;

@@ -4,7 +4,7 @@
 use auto_ai_router::prepare::{load_files, Prepared};
 use auto_ai_router::render::{self, RenderOptions};
 use auto_ai_router::sync::{self, SyncOptions};
-use auto_ai_router::{locate, run};
+use auto_ai_router::{locate, private, run};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -167,13 +167,7 @@ fn options(layout: &Layout, wasm: PathBuf) -> Result<RenderOptions, String> {
 fn describe(p: &Prepared) -> String {
     let c = &p.config;
     let creds: Vec<String> = c.credentials.iter().map(|c| format!("{} ({})", c.name, c.base_url)).collect();
-    format!(
-        "{} credential(s): {}; {} model limit(s); port {}",
-        c.credentials.len(),
-        creds.join(", "),
-        c.models.len(),
-        c.server.port
-    )
+    format!("{} credential(s): {}; {} model limit(s); port {}", c.credentials.len(), creds.join(", "), c.models.len(), c.server.port)
 }
 
 fn print_env_help(p: &Prepared) {
@@ -235,7 +229,7 @@ fn main() -> ExitCode {
                 for (k, v) in p.literal_env() {
                     body.push_str(&format!("{k}={v}\n"));
                 }
-                if let Err(e) = write_private(path, &body) {
+                if let Err(e) = private::write(path, &body) {
                     return fail(format!("{}: {e}", path.display()));
                 }
                 eprintln!("wrote {} (secrets, mode 0600)", path.display());
@@ -269,10 +263,13 @@ fn main() -> ExitCode {
                 Ok(o) => o,
                 Err(e) => return fail(e),
             };
-            let dir = std::env::temp_dir().join(format!("auto-ai-router-{}", std::process::id()));
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                return fail(format!("{}: {e}", dir.display()));
-            }
+            // A fresh 0700 directory with a random name: a guessable one could be planted (a
+            // symlink, or a directory someone else can read) before we write into it.
+            let tmp = std::env::temp_dir();
+            let dir = match private::temp_dir(&tmp, "auto-ai-router-") {
+                Ok(d) => d,
+                Err(e) => return fail(format!("a private directory in {}: {e}", tmp.display())),
+            };
             let bootstrap = dir.join("envoy.yaml");
             if let Err(e) = std::fs::write(&bootstrap, render::to_yaml(&p, &render::render(&p, &o))) {
                 return fail(format!("{}: {e}", bootstrap.display()));
@@ -325,11 +322,4 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-fn write_private(path: &std::path::Path, body: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(body.as_bytes())
 }

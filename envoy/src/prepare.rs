@@ -54,10 +54,7 @@ impl std::error::Error for LoadError {}
 
 /// `AUTO_AI_ROUTER_<NAME>_API_KEY` for a credential name (upper case, other characters → `_`).
 pub fn literal_key_var(credential: &str) -> String {
-    let up: String = credential
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
-        .collect();
+    let up: String = credential.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("AUTO_AI_ROUTER_{up}_API_KEY")
 }
 
@@ -71,8 +68,7 @@ pub fn default_models_path(config_path: &Path) -> Option<PathBuf> {
 
 /// Reads and prepares `config_path` (and `models_path`, else `models.yaml` beside it).
 pub fn load_files(config_path: &Path, models_path: Option<&Path>) -> Result<Prepared, LoadError> {
-    let text = std::fs::read_to_string(config_path)
-        .map_err(|error| LoadError::Io { path: config_path.to_path_buf(), error })?;
+    let text = std::fs::read_to_string(config_path).map_err(|error| LoadError::Io { path: config_path.to_path_buf(), error })?;
     let models_path = match models_path {
         Some(p) => Some(p.to_path_buf()),
         None => default_models_path(config_path),
@@ -102,8 +98,7 @@ pub fn prepare(
     let cfg_err = |error| LoadError::Config { file: config_name.to_string(), error };
     let mut raw = config::parse_raw(config_text).map_err(cfg_err)?;
     if let Some(m) = models_text {
-        let models = config::parse_models_yaml(m)
-            .map_err(|error| LoadError::Config { file: models_name.to_string(), error })?;
+        let models = config::parse_models_yaml(m).map_err(|error| LoadError::Config { file: models_name.to_string(), error })?;
         raw.models.extend(models);
     }
 
@@ -180,14 +175,7 @@ pub fn prepare(
         .map_err(|e| LoadError::Other(format!("internal: the rendered plugin configuration does not validate: {e}")))?;
     debug_assert_eq!(recompiled.credentials.len(), config.credentials.len());
 
-    Ok(Prepared {
-        config,
-        plugin,
-        env: env_vars.into_values().collect(),
-        unset_env,
-        config_path: None,
-        models_path: None,
-    })
+    Ok(Prepared { config, plugin, env: env_vars.into_values().collect(), unset_env, config_path: None, models_path: None })
 }
 
 fn lenient_value(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {

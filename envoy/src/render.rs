@@ -22,14 +22,21 @@ pub const ROUTER_FILTER_NAME: &str = "auto_ai_router";
 /// Extra request-body buffer above `max_body_size` so the filter's own 413 (OpenAI JSON) fires
 /// before Envoy's plain one.
 pub const BODY_BUFFER_SLACK: u64 = 1 << 20;
+/// The listener's stream idle timeout (routes other than /v1/ and the time before routing).
+pub const STREAM_IDLE_TIMEOUT: &str = "300s";
+/// How long a client may take to send its request headers.
+pub const REQUEST_HEADERS_TIMEOUT: &str = "10s";
+/// HTTP/2 limits for clients, as Envoy's edge-proxy best practices give them.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
+pub const HTTP2_INITIAL_STREAM_WINDOW: u32 = 65_536;
+pub const HTTP2_INITIAL_CONNECTION_WINDOW: u32 = 1_048_576;
+/// Envoy's response code details for a request failed by the wasm failure policy (a VM trap, or
+/// a worker whose VM is still being reloaded).
+pub const WASM_FAIL_DETAILS: &str = "wasm_fail_stream";
 
 /// CA bundles tried in order when `--ca-bundle` is not given (Debian/Ubuntu/Alpine, RHEL, SUSE).
-pub const CA_BUNDLES: [&str; 4] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
+pub const CA_BUNDLES: [&str; 4] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem"];
 
 #[derive(Debug, Clone)]
 pub struct RenderOptions {
@@ -64,11 +71,7 @@ impl Default for RenderOptions {
 }
 
 pub fn default_ca_bundle() -> String {
-    CA_BUNDLES
-        .iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .unwrap_or(&CA_BUNDLES[0])
-        .to_string()
+    CA_BUNDLES.iter().find(|p| std::path::Path::new(p).is_file()).unwrap_or(&CA_BUNDLES[0]).to_string()
 }
 
 /// Envoy's `--component-log-level` value for the configured `logging_level`.
@@ -94,9 +97,14 @@ fn duration(secs: u64) -> String {
     format!("{secs}s")
 }
 
-fn openai_error_body(status: u16, message: &str, kind: &str, code: &str) -> String {
-    let _ = status;
-    json!({"error": {"message": message, "type": kind, "param": null, "code": code}}).to_string()
+/// A protobuf JSON Duration to the millisecond ("90s", "1.500s"), so sub-second parts of
+/// `request_timeout` are kept; never below 1 ms (Envoy reads "0s" as "no timeout").
+fn duration_ms(d: std::time::Duration) -> String {
+    let ms = d.as_millis().max(1);
+    match ms % 1000 {
+        0 => format!("{}s", ms / 1000),
+        frac => format!("{}.{frac:03}s", ms / 1000),
+    }
 }
 
 /// One wasm HTTP filter on the shared VM (same `vm_id` and code → Envoy shares one VM per worker).
@@ -150,23 +158,16 @@ fn wasm_filter_names() -> Vec<&'static str> {
 fn disable_wasm() -> Value {
     let mut m = serde_json::Map::new();
     for n in wasm_filter_names() {
-        m.insert(
-            n.to_string(),
-            json!({"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}),
-        );
+        m.insert(n.to_string(), json!({"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}));
     }
     Value::Object(m)
 }
 
 fn routes(p: &Prepared) -> Vec<Value> {
-    let timeout = duration(p.config.server.request_timeout.map(|d| d.as_secs().max(1)).unwrap_or(0));
+    // No request_timeout (-1) is "0s": Envoy's "no route timeout".
+    let timeout = p.config.server.request_timeout.map(duration_ms).unwrap_or_else(|| "0s".into());
     let body_limit = p.config.server.max_body_size_bytes + BODY_BUFFER_SLACK;
-    let not_found = openai_error_body(
-        404,
-        "Not found: the router serves /v1/*, /health and /metrics",
-        "not_found_error",
-        "not_found",
-    );
+    let not_found = filter::errors::body(404, "Not found: the router serves /v1/*, /health and /metrics", Some("not_found"));
     vec![
         json!({
             "name": "metrics",
@@ -186,7 +187,8 @@ fn routes(p: &Prepared) -> Vec<Value> {
             "route": {
                 "cluster_header": CLUSTER_HEADER,
                 "timeout": timeout,
-                // Long SSE streams: no per-route idle cut-off (the route timeout bounds the request).
+                // Long SSE streams: no idle cut-off on this route (it overrides the listener's
+                // stream_idle_timeout; the route timeout bounds the request).
                 "idle_timeout": "0s",
                 // Only failures where the provider cannot have seen the request; on the same credential.
                 "retry_policy": {"retry_on": "connect-failure,reset-before-request", "num_retries": 1},
@@ -209,8 +211,10 @@ fn routes(p: &Prepared) -> Vec<Value> {
     ]
 }
 
-/// Envoy's own local replies for upstream failures, as OpenAI-style JSON. Only replies carrying
-/// these response flags are rewritten, so the filter's JSON replies pass unchanged.
+/// Envoy's own local replies as OpenAI-style JSON: upstream failures (by response flag) and the
+/// wasm failure policy's 503 (a VM trap, or a worker whose VM is being reloaded), which Envoy
+/// sends with an empty body; matched on its response code details. The filter's own JSON replies
+/// match neither and pass unchanged.
 fn local_reply_config() -> Value {
     let mapper = |flags: &[&str], kind: &str, code: &str| {
         json!({
@@ -223,6 +227,19 @@ fn local_reply_config() -> Value {
     json!({"mappers": [
         mapper(&["UT"], "timeout_error", "upstream_timeout"),
         mapper(&["UF", "UH", "UC", "URX", "UO", "NC", "UMSDR", "DC"], "service_unavailable_error", "upstream_unavailable"),
+        json!({
+            "filter": {"extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": format!("response.code_details == '{WASM_FAIL_DETAILS}'"),
+                },
+            }},
+            "body_format_override": {"json_format": {"error": {
+                "message": "The router failed on this request and refused it (it reached no provider); retry it",
+                "type": "service_unavailable_error", "param": null, "code": "router_unavailable",
+            }}},
+        }),
     ]})
 }
 
@@ -248,9 +265,18 @@ fn listener(p: &Prepared, o: &RenderOptions) -> Value {
         "use_remote_address": true,
         // No path normalisation here: the filter itself refuses `..`, `.`, `//` and encoded
         // separators under /v1/ with 404, and the other routes match exact paths.
-        // SSE streams may be quiet for long: no stream idle timeout (the route timeout bounds requests).
-        "stream_idle_timeout": "0s",
+        // Edge-proxy defaults (Envoy's "Configuring Envoy as an edge proxy"): a stream quiet for
+        // 5 min is closed, except on /v1/, whose route sets `idle_timeout: 0s` for long SSE
+        // streams; a client has 10 s to send its request headers; HTTP/2 clients get bounded
+        // streams and flow-control windows.
+        "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
+        "request_headers_timeout": REQUEST_HEADERS_TIMEOUT,
         "common_http_protocol_options": {"idle_timeout": "300s"},
+        "http2_protocol_options": {
+            "max_concurrent_streams": HTTP2_MAX_CONCURRENT_STREAMS,
+            "initial_stream_window_size": HTTP2_INITIAL_STREAM_WINDOW,
+            "initial_connection_window_size": HTTP2_INITIAL_CONNECTION_WINDOW,
+        },
         "route_config": {
             "name": "auto_ai_router",
             "virtual_hosts": [{"name": "auto_ai_router", "domains": ["*"], "routes": routes(p)}],
@@ -264,6 +290,10 @@ fn listener(p: &Prepared, o: &RenderOptions) -> Value {
     json!({
         "name": "auto_ai_router",
         "address": socket_address(&o.listen_address, port),
+        // A second router on the same port must fail to start ("Address already in use"), not
+        // bind beside this one and have the kernel split connections between two processes
+        // whose limits and bans are separate.
+        "enable_reuse_port": false,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": hcm,
@@ -331,10 +361,7 @@ fn credential_cluster(c: &Credential, o: &RenderOptions) -> Value {
 }
 
 fn stats_config() -> Value {
-    let tags: Vec<Value> = filter::metrics::LABELS
-        .iter()
-        .map(|k| json!({"tag_name": k, "regex": filter::metrics::tag_regex(k)}))
-        .collect();
+    let tags: Vec<Value> = filter::metrics::LABELS.iter().map(|k| json!({"tag_name": k, "regex": filter::metrics::tag_regex(k)})).collect();
     json!({
         "stats_tags": tags,
         // Request durations are recorded in milliseconds; buckets sized for LLM calls.
@@ -386,4 +413,137 @@ pub fn to_yaml(p: &Prepared, bootstrap: &Value) -> String {
     out.push_str(&format!("# Run: envoy -c THIS_FILE {}\n", envoy_args(p).join(" ")));
     out.push_str(&serde_yaml::to_string(bootstrap).expect("YAML"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prepare::prepare;
+
+    const KEY: &str = "sk-render-unit-secret-0001";
+    const MASTER: &str = "sk-render-unit-master-0002";
+
+    fn bootstrap_for(server_extra: &str) -> Value {
+        let text = format!(
+            "server:\n  master_key: \"{MASTER}\"\n{server_extra}credentials:\n  - name: a\n    api_key: \"{KEY}\"\n    base_url: \"https://api.example.com/v1\"\n    rpm: 60\n"
+        );
+        let p = prepare(&text, None, &|_| None, "config.yaml", "models.yaml").unwrap_or_else(|e| panic!("{e}"));
+        render(&p, &RenderOptions { ca_bundle: "/ca.pem".into(), ..RenderOptions::default() })
+    }
+
+    fn at<'a>(v: &'a Value, pointer: &str) -> &'a Value {
+        v.pointer(pointer).unwrap_or_else(|| panic!("no {pointer} in the bootstrap"))
+    }
+
+    const LISTENER: &str = "/static_resources/listeners/0";
+    const HCM: &str = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config";
+
+    fn route<'a>(b: &'a Value, name: &str) -> &'a Value {
+        at(b, &format!("{HCM}/route_config/virtual_hosts/0/routes"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no route {name}"))
+    }
+
+    #[test]
+    fn listener_has_edge_timeouts_http2_limits_and_no_port_reuse() {
+        let b = bootstrap_for("");
+        assert_eq!(at(&b, &format!("{LISTENER}/enable_reuse_port")), false);
+        assert_eq!(at(&b, &format!("{HCM}/stream_idle_timeout")), "300s");
+        assert_eq!(at(&b, &format!("{HCM}/request_headers_timeout")), "10s");
+        assert_eq!(at(&b, &format!("{HCM}/common_http_protocol_options/idle_timeout")), "300s");
+        assert_eq!(at(&b, &format!("{HCM}/http2_protocol_options/max_concurrent_streams")), 100);
+        assert_eq!(at(&b, &format!("{HCM}/http2_protocol_options/initial_stream_window_size")), 65536);
+        assert_eq!(at(&b, &format!("{HCM}/http2_protocol_options/initial_connection_window_size")), 1048576);
+        // SSE: the /v1/ route alone turns the idle timer off.
+        assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "0s");
+        for r in ["metrics", "health", "not_found"] {
+            assert!(route(&b, r).pointer("/route/idle_timeout").is_none(), "{r} overrides the listener's idle timeout");
+        }
+    }
+
+    #[test]
+    fn the_v1_route_timeout_is_request_timeout_to_the_millisecond() {
+        for (setting, want) in [
+            ("", "300s"), // the default, 5m
+            ("  request_timeout: 1500ms\n", "1.500s"),
+            ("  request_timeout: 250ms\n", "0.250s"),
+            ("  request_timeout: 2m\n", "120s"),
+            ("  request_timeout: 90\n", "90s"),
+            ("  request_timeout: 500us\n", "0.001s"), // never "0s", which would mean none
+            ("  request_timeout: -1\n", "0s"),
+        ] {
+            let b = bootstrap_for(setting);
+            assert_eq!(route(&b, "v1")["route"]["timeout"], want, "{setting:?}");
+            assert_eq!(route(&b, "health")["route"]["timeout"], "10s");
+        }
+    }
+
+    #[test]
+    fn routes_send_only_health_and_v1_through_the_filter() {
+        let b = bootstrap_for("");
+        assert_eq!(route(&b, "v1")["match"], json!({"prefix": "/v1/"}));
+        assert_eq!(route(&b, "v1")["route"]["cluster_header"], CLUSTER_HEADER);
+        assert_eq!(route(&b, "v1")["request_headers_to_remove"], json!([CLUSTER_HEADER]));
+        assert_eq!(route(&b, "health")["match"], json!({"path": "/health"}));
+        assert_eq!(route(&b, "metrics")["route"]["prefix_rewrite"], "/stats/prometheus");
+        let off = json!({"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true});
+        for r in ["metrics", "not_found"] {
+            assert_eq!(route(&b, r)["typed_per_filter_config"][ROUTER_FILTER_NAME], off, "{r}");
+        }
+        let body = at(route(&b, "not_found"), "/direct_response/body/inline_string").as_str().unwrap();
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"]["type"], "not_found_error");
+        assert_eq!(body["error"]["code"], "not_found");
+        let filter = at(&b, &format!("{HCM}/http_filters/0/typed_config/config"));
+        assert_eq!(filter["allow_on_headers_stop_iteration"], true);
+        assert_eq!(filter["failure_policy"], FAILURE_POLICY);
+        assert_eq!(at(&b, &format!("{HCM}/http_filters/1/name")), "envoy.filters.http.router");
+    }
+
+    #[test]
+    fn local_replies_get_openai_bodies_for_upstream_failures_and_traps() {
+        let b = bootstrap_for("");
+        let mappers = at(&b, &format!("{HCM}/local_reply_config/mappers")).as_array().unwrap();
+        let flags: Vec<&Value> = mappers.iter().filter_map(|m| m.pointer("/filter/response_flag_filter/flags")).collect();
+        assert_eq!(flags.len(), 2);
+        assert!(flags[0].as_array().unwrap().contains(&json!("UT")));
+        assert!(flags[1].as_array().unwrap().contains(&json!("UF")));
+        let trap =
+            mappers.iter().find(|m| m.pointer("/filter/extension_filter").is_some()).expect("a mapper for the wasm failure policy's 503");
+        let cel = at(trap, "/filter/extension_filter/typed_config/expression").as_str().unwrap();
+        assert!(cel.contains(WASM_FAIL_DETAILS), "{cel}");
+        assert_eq!(at(trap, "/body_format_override/json_format/error/type"), "service_unavailable_error");
+        assert_eq!(at(trap, "/body_format_override/json_format/error/code"), "router_unavailable");
+    }
+
+    #[test]
+    fn no_secret_in_the_bootstrap() {
+        let text = bootstrap_for("").to_string();
+        assert!(!text.contains(KEY) && !text.contains(MASTER), "{text}");
+        assert!(text.contains("os.environ/AUTO_AI_ROUTER_A_API_KEY"), "{text}");
+    }
+
+    #[test]
+    fn https_credentials_get_tls_with_sni_and_san() {
+        let b = bootstrap_for("");
+        let c = at(&b, "/static_resources/clusters/0");
+        assert_eq!(c["name"], "a");
+        assert_eq!(c["type"], "LOGICAL_DNS");
+        let tls = at(c, "/transport_socket/typed_config");
+        assert_eq!(tls["sni"], "api.example.com");
+        assert_eq!(at(tls, "/common_tls_context/validation_context/trusted_ca/filename"), "/ca.pem");
+        assert_eq!(at(tls, "/common_tls_context/validation_context/match_typed_subject_alt_names/0/matcher/exact"), "api.example.com");
+    }
+
+    #[test]
+    fn durations_keep_milliseconds() {
+        use std::time::Duration;
+        assert_eq!(duration_ms(Duration::from_millis(1500)), "1.500s");
+        assert_eq!(duration_ms(Duration::from_millis(1005)), "1.005s");
+        assert_eq!(duration_ms(Duration::from_secs(300)), "300s");
+        assert_eq!(duration_ms(Duration::from_micros(10)), "0.001s");
+    }
 }

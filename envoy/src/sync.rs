@@ -95,12 +95,7 @@ impl Report {
             writeln!(out, "{file}: dry run, {} model(s) would be added, nothing written", self.added.len())?;
         } else {
             let how = if self.created { "created" } else { "updated" };
-            writeln!(
-                out,
-                "{file}: {how}, {} model(s) added ({ok} of {} credential(s) answered)",
-                self.added.len(),
-                self.fetches.len()
-            )?;
+            writeln!(out, "{file}: {how}, {} model(s) added ({ok} of {} credential(s) answered)", self.added.len(), self.fetches.len())?;
         }
         Ok(())
     }
@@ -110,8 +105,9 @@ impl Report {
 pub fn models_path(config: &Path, explicit: Option<&Path>) -> PathBuf {
     match explicit {
         Some(p) => p.to_path_buf(),
-        None => crate::prepare::default_models_path(config)
-            .unwrap_or_else(|| config.parent().unwrap_or(Path::new(".")).join("models.yaml")),
+        None => {
+            crate::prepare::default_models_path(config).unwrap_or_else(|| config.parent().unwrap_or(Path::new(".")).join("models.yaml"))
+        }
     }
 }
 
@@ -214,6 +210,22 @@ fn short(s: &str, max: usize) -> String {
     }
 }
 
+/// "HTTP {status}: {detail}" for a non-200 answer: the OpenAI-style `error.message`, else the start
+/// of the body, with the key removed. Redacted before it is shortened: a key cut at the length
+/// limit would no longer match, and its first part would be shown.
+fn http_error(status: u16, body: &[u8], key: &str) -> String {
+    let detail = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let detail = short(&redact(&detail, key), 200);
+    if detail.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {detail}")
+    }
+}
+
 /// `GET /v1/models` with the credential's key.
 pub fn fetch(agent: &ureq::Agent, c: &Credential) -> Result<Vec<ModelEntry>, String> {
     let url = models_url(c);
@@ -225,20 +237,10 @@ pub fn fetch(agent: &ureq::Agent, c: &Credential) -> Result<Vec<ModelEntry>, Str
             .call()
             .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_BODY)
-            .read_to_vec()
-            .map_err(|e| format!("HTTP {status}, reading the body: {e}"))?;
+        let body =
+            resp.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(|e| format!("HTTP {status}, reading the body: {e}"))?;
         if status != 200 {
-            // OpenAI-style {"error":{"message":...}}, else the start of the body.
-            let detail = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            let detail = short(&detail, 200);
-            return Err(if detail.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {detail}") });
+            return Err(http_error(status, &body, &c.api_key));
         }
         parse_provider_list(&body)
     })();
@@ -289,8 +291,7 @@ pub fn yaml_scalar(name: &str) -> String {
     let plain_chars = !name.is_empty()
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "._/-+".contains(c));
-    if plain_chars && serde_yaml::from_str::<serde_yaml::Value>(name).ok() == Some(serde_yaml::Value::String(name.into()))
-    {
+    if plain_chars && serde_yaml::from_str::<serde_yaml::Value>(name).ok() == Some(serde_yaml::Value::String(name.into())) {
         name.to_string()
     } else {
         serde_json::to_string(name).expect("a string serialises")
@@ -389,11 +390,8 @@ pub fn append_models(text: Option<&str>, add: &[NewModel]) -> Result<String, Str
             if trimmed == "-" || trimmed.starts_with("- ") {
                 indent = l.len() - trimmed.len();
                 let after = trimmed[1..].trim_start_matches(' ');
-                key_col = if after.is_empty() || after.starts_with(['{', '#']) {
-                    indent + 2
-                } else {
-                    indent + (trimmed.len() - after.len())
-                };
+                key_col =
+                    if after.is_empty() || after.starts_with(['{', '#']) { indent + 2 } else { indent + (trimmed.len() - after.len()) };
             }
             break;
         }
@@ -413,8 +411,7 @@ pub fn append_models(text: Option<&str>, add: &[NewModel]) -> Result<String, Str
             // `models: []` becomes `models:` followed by block entries.
             format!("{}{tail}{nl}{}", &line[..key_end], block(2, 4))
         } else {
-            let items: Vec<String> =
-                add.iter().map(|m| format!("{{name: {}, rpm: {}}}", yaml_scalar(&m.name), m.rpm)).collect();
+            let items: Vec<String> = add.iter().map(|m| format!("{{name: {}, rpm: {}}}", yaml_scalar(&m.name), m.rpm)).collect();
             let inner = inner.trim_end_matches(',').trim_end();
             format!("{} [{inner}, {}]{tail}{nl}", &line[..key_end], items.join(", "))
         };
@@ -431,11 +428,7 @@ pub fn check_edit(old: &[RawModel], new_text: &str, add: &[NewModel]) -> Result<
     let mut want = old.to_vec();
     want.extend(add.iter().map(|m| RawModel { name: m.name.clone(), rpm: Some(serde_yaml::Value::from(m.rpm)), tpm: None }));
     if got != want {
-        return Err(format!(
-            "the edited file would list {} model(s) where {} were expected",
-            got.len(),
-            want.len()
-        ));
+        return Err(format!("the edited file would list {} model(s) where {} were expected", got.len(), want.len()));
     }
     Ok(())
 }
@@ -481,15 +474,13 @@ pub fn sync(opts: &SyncOptions, env: &dyn Fn(&str) -> Option<String>) -> Result<
     let agent = agent(opts.timeout, opts.ca_bundle.as_deref())?;
     let fetches = fetch_all(&agent, &cfg);
     let (added, listed) = plan(&existing, &fetches, cfg.server.default_models_rpm.as_i64());
-    let mut report =
-        Report { models_path: models_path.clone(), created: text.is_none(), fetches, added, listed, written: false };
+    let mut report = Report { models_path: models_path.clone(), created: text.is_none(), fetches, added, listed, written: false };
     if report.added.is_empty() {
         return Ok(report);
     }
     let file = models_path.display();
     let new_text = append_models(text.as_deref(), &report.added).map_err(|e| format!("{file}: {e}"))?;
-    check_edit(&existing, &new_text, &report.added)
-        .map_err(|e| format!("{file}: cannot extend it safely ({e}); nothing written"))?;
+    check_edit(&existing, &new_text, &report.added).map_err(|e| format!("{file}: cannot extend it safely ({e}); nothing written"))?;
     if !opts.dry_run {
         write_atomic(&models_path, &new_text).map_err(|e| format!("{file}: {e}"))?;
         report.written = true;
@@ -506,11 +497,7 @@ mod tests {
     }
 
     fn names(text: &str) -> Vec<(String, Option<i64>)> {
-        config::parse_models_yaml(text)
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.name, m.rpm.and_then(|v| v.as_i64())))
-            .collect()
+        config::parse_models_yaml(text).unwrap().into_iter().map(|m| (m.name, m.rpm.and_then(|v| v.as_i64()))).collect()
     }
 
     fn edit(old: Option<&str>, add: &[NewModel]) -> String {
@@ -535,10 +522,7 @@ mod tests {
         let t = edit(Some(old), &nm(&["claude-3"], 50));
         assert!(t.starts_with(old), "{t}");
         assert_eq!(&t[old.len()..], "  - name: claude-3\n    rpm: 50\n");
-        assert_eq!(
-            names(&t),
-            vec![("gpt-4".into(), Some(10)), ("gpt-3.5".into(), Some(-1)), ("claude-3".into(), Some(50))]
-        );
+        assert_eq!(names(&t), vec![("gpt-4".into(), Some(10)), ("gpt-3.5".into(), Some(-1)), ("claude-3".into(), Some(50))]);
     }
 
     #[test]
@@ -633,11 +617,8 @@ mod tests {
             url: String::new(),
             outcome: o.map(|l| l.iter().map(|s| s.to_string()).collect()).map_err(str::to_string),
         };
-        let fetches = vec![
-            f("one", Ok(&["gpt-4", "gpt-3.5", "gpt-4"])),
-            f("down", Err("refused")),
-            f("two", Ok(&["gpt-4", "claude-3", "kept"])),
-        ];
+        let fetches =
+            vec![f("one", Ok(&["gpt-4", "gpt-3.5", "gpt-4"])), f("down", Err("refused")), f("two", Ok(&["gpt-4", "claude-3", "kept"]))];
         let existing = config::parse_models_yaml("models:\n  - name: kept\n    rpm: 3\n").unwrap();
         let (add, listed) = plan(&existing, &fetches, 50);
         assert_eq!(listed, 4);
@@ -648,6 +629,24 @@ mod tests {
     #[test]
     fn redacts_the_key() {
         assert_eq!(redact("bad key sk-secret-123456", "sk-secret-123456"), "bad key sk-s...");
+    }
+
+    #[test]
+    fn a_key_across_the_length_limit_is_redacted_not_cut() {
+        let key = format!("sk-proj-{}", "k7Qz".repeat(16));
+        let prefix = "x".repeat(150);
+        for body in [
+            format!("{prefix} {key} trailing"),
+            serde_json::json!({"error": {"message": format!("{prefix} Incorrect API key provided: {key}")}}).to_string(),
+        ] {
+            let e = http_error(401, body.as_bytes(), &key);
+            assert!(e.starts_with("HTTP 401: xxx"), "{e}");
+            // No run of the key longer than the mask's 7 characters survives.
+            for w in key.as_bytes().windows(8) {
+                assert!(!e.contains(std::str::from_utf8(w).unwrap()), "{e} shows part of the key");
+            }
+        }
+        assert_eq!(http_error(500, b"", &key), "HTTP 500");
     }
 
     #[test]

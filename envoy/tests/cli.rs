@@ -84,6 +84,37 @@ fn envoy_validate(bootstrap: &Path, env: &[(&str, &str)]) -> (bool, String) {
     (o.status.success() && out.contains("OK"), format!("{out}{err}"))
 }
 
+/// The rendered bootstrap as data (its `#` header lines are YAML comments).
+fn data(yaml: &str) -> serde_json::Value {
+    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("the bootstrap is not YAML: {e}"))
+}
+
+fn at<'a>(v: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value {
+    v.pointer(pointer).unwrap_or_else(|| panic!("no {pointer} in the bootstrap"))
+}
+
+const HCM: &str = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config";
+
+/// The route named `name` of the router's listener.
+fn route<'a>(b: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    at(b, &format!("{HCM}/route_config/virtual_hosts/0/routes"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no route {name}"))
+}
+
+/// Clusters by name.
+fn cluster<'a>(b: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    at(b, "/static_resources/clusters")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
 const EXAMPLE_SECRETS: [(&str, &str); 3] = [
     ("AUTO_AI_ROUTER_MASTER_KEY", "sk-your-secret-key"),
     ("AUTO_AI_ROUTER_MOCK_A_API_KEY", "sk-mock-a-key"),
@@ -113,24 +144,30 @@ fn example_config_renders_a_bootstrap_envoy_accepts() {
     assert!(env_file.contains("AUTO_AI_ROUTER_MASTER_KEY=sk-your-secret-key"));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(dir.join("secrets.env")).unwrap().permissions().mode() & 0o777, 0o600);
-    // models.yaml beside config.yaml was merged in.
-    assert!(yaml.contains(r#"{\"name\":\"text-embedding-3-small\",\"rpm\":-1}"#) || yaml.contains(r#""name":"text-embedding-3-small","rpm":-1"#), "{yaml}");
-    for needle in [
-        "allow_on_headers_stop_iteration: true",
-        "failure_policy: FAIL_RELOAD",
-        "runtime: envoy.wasm.runtime.v8",
-        "type.googleapis.com/google.protobuf.StringValue",
-        "cluster_header: x-auto-ai-router-cluster",
-        "prefix_rewrite: /stats/prometheus",
-        "root_id: auto_ai_router",
-        "vm_id: auto_ai_router",
-        "timeout: 300s",
-        "stream_idle_timeout: 0s",
-        "tag_name: credential",
-        "name: mock_a",
-        "name: mock_b",
-    ] {
-        assert!(yaml.contains(needle), "bootstrap lacks {needle:?}");
+    let b = data(&yaml);
+    let wasm = at(&b, &format!("{HCM}/http_filters/0/typed_config/config"));
+    assert_eq!(wasm["allow_on_headers_stop_iteration"], true);
+    assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
+    assert_eq!(wasm["root_id"], "auto_ai_router");
+    assert_eq!(at(wasm, "/vm_config/vm_id"), "auto_ai_router");
+    assert_eq!(at(wasm, "/vm_config/runtime"), "envoy.wasm.runtime.v8");
+    assert_eq!(at(wasm, "/configuration/@type"), "type.googleapis.com/google.protobuf.StringValue");
+    // models.yaml beside config.yaml was merged into the plugin configuration.
+    let plugin: serde_json::Value = serde_json::from_str(at(wasm, "/configuration/value").as_str().unwrap()).unwrap();
+    let models = plugin["models"].as_array().expect("plugin models");
+    assert!(models.contains(&serde_json::json!({"name": "text-embedding-3-small", "rpm": -1})), "{models:?}");
+    // The route's own timeout: the example's request_timeout (5m); SSE streams have no idle limit
+    // on /v1/, while the listener keeps its 300 s stream idle timeout.
+    assert_eq!(route(&b, "v1")["route"]["timeout"], "300s");
+    assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "0s");
+    assert_eq!(route(&b, "v1")["route"]["cluster_header"], "x-auto-ai-router-cluster");
+    assert_eq!(route(&b, "metrics")["route"]["prefix_rewrite"], "/stats/prometheus");
+    assert_eq!(at(&b, &format!("{HCM}/stream_idle_timeout")), "300s");
+    assert_eq!(at(&b, &format!("{HCM}/request_headers_timeout")), "10s");
+    assert_eq!(at(&b, "/static_resources/listeners/0/enable_reuse_port"), false);
+    assert!(at(&b, "/stats_config/stats_tags").as_array().unwrap().iter().any(|t| t["tag_name"] == "credential"));
+    for c in ["mock_a", "mock_b"] {
+        assert_eq!(cluster(&b, c)["type"], "STATIC");
     }
     let env: Vec<(&str, &str)> = EXAMPLE_SECRETS.to_vec();
     let (ok, log) = envoy_validate(&dir.join("envoy.yaml"), &env);
@@ -149,20 +186,29 @@ fn https_providers_with_env_keys_render_tls_clusters_envoy_accepts() {
         assert!(!err.contains(value), "stderr shows {name}'s value");
         assert!(yaml.contains(&format!("- {name}\n")), "host_env_keys lacks {name}");
     }
-    for needle in [
-        "envoy.transport_sockets.tls",
-        "sni: api.openai.com",
-        "sni: api.another.com",
-        "type: LOGICAL_DNS",
-        "auto_config:",
-        "timeout: 0s", // request_timeout: -1
-        "port_value: 18999",
-        "address: 127.0.0.1",
-    ] {
-        assert!(yaml.contains(needle), "bootstrap lacks {needle:?}");
+    let b = data(&yaml);
+    // request_timeout: -1 → no route timeout ("0s" on the route itself).
+    assert_eq!(route(&b, "v1")["route"]["timeout"], "0s");
+    assert_eq!(
+        at(&b, "/static_resources/listeners/0/address/socket_address"),
+        &serde_json::json!({"address": "127.0.0.1", "port_value": 18999})
+    );
+    let tls_clusters: Vec<&serde_json::Value> =
+        at(&b, "/static_resources/clusters").as_array().unwrap().iter().filter(|c| c.get("transport_socket").is_some()).collect();
+    let snis: Vec<&str> = tls_clusters.iter().map(|c| at(c, "/transport_socket/typed_config/sni").as_str().unwrap()).collect();
+    assert!(snis.contains(&"api.openai.com") && snis.contains(&"api.another.com"), "{snis:?}");
+    for c in &tls_clusters {
+        assert_eq!(c["type"], "LOGICAL_DNS");
+        assert_eq!(at(c, "/transport_socket/name"), "envoy.transport_sockets.tls");
+        assert!(c
+            .pointer("/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/auto_config")
+            .is_some());
     }
     // The IP-addressed http credential gets a STATIC cluster without TLS.
-    assert!(yaml.contains("type: STATIC"));
+    let vllm = cluster(&b, "local-vllm");
+    assert_eq!(vllm["type"], "STATIC");
+    assert!(vllm.get("transport_socket").is_none());
+    assert_eq!(at(vllm, "/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address/port_value"), 8000);
     let (ok, log) = envoy_validate(&dir.join("envoy.yaml"), &env);
     assert!(ok, "envoy --mode validate rejected the providers bootstrap:\n{log}");
     // Without the variables the filter refuses its configuration, so Envoy does too.
@@ -250,10 +296,7 @@ fn run_explains_missing_envoy_and_missing_variables() {
 
     let p = examples().join("config.yaml");
     let w = wasm();
-    let o = cli(
-        &["run", "--config", p.to_str().unwrap(), "--wasm", w.to_str().unwrap()],
-        &[("ENVOY_BIN", "/nonexistent/envoy")],
-    );
+    let o = cli(&["run", "--config", p.to_str().unwrap(), "--wasm", w.to_str().unwrap()], &[("ENVOY_BIN", "/nonexistent/envoy")]);
     let (_, err) = text(&o);
     assert!(!o.status.success());
     assert!(err.contains("ENVOY_BIN=/nonexistent/envoy does not exist"), "{err}");
@@ -263,9 +306,68 @@ fn run_explains_missing_envoy_and_missing_variables() {
 fn logging_level_becomes_envoy_component_log_level() {
     let dir = scratch("loglevel");
     let cfg = dir.join("config.yaml");
-    std::fs::write(&cfg, "server: {master_key: k, logging_level: debug}\ncredentials: [{name: a, api_key: x, base_url: 'http://127.0.0.1:1'}]\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "server: {master_key: k, logging_level: debug}\ncredentials: [{name: a, api_key: x, base_url: 'http://127.0.0.1:1'}]\n",
+    )
+    .unwrap();
     let (yaml, err) = render(&cfg, &dir, &[], &[]);
     assert!(err.contains("--component-log-level wasm:debug"), "{err}");
     assert!(yaml.contains("--component-log-level wasm:debug"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn render_env_file_is_private_even_when_it_existed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("envfile");
+    let env_file = dir.join("secrets.env");
+    std::fs::write(&env_file, "OLD=readable-by-all\n").unwrap();
+    std::fs::set_permissions(&env_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    render(&examples().join("config.yaml"), &dir, &[], &[]);
+    assert_eq!(std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777, 0o600, "an existing env file kept its mode");
+    let body = std::fs::read_to_string(&env_file).unwrap();
+    assert!(body.contains("AUTO_AI_ROUTER_MASTER_KEY=sk-your-secret-key") && !body.contains("OLD="), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `run` renders into a fresh private directory: a stand-in Envoy (ENVOY_BIN) records where its
+/// bootstrap is and that directory's mode.
+#[test]
+fn run_uses_a_private_unpredictable_directory_and_removes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("rundir");
+    let tmp = dir.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let record = dir.join("record");
+    let fake = dir.join("envoy");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n# -c BOOTSTRAP ...\nd=$(dirname \"$2\")\n{{ echo \"$d\"; stat -c %a \"$d\"; ls \"$d\"; }} > '{}'\n",
+            record.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = examples().join("config.yaml");
+    let mut c = Command::new(CLI);
+    // Any existing file does as the module: the stand-in does not load it.
+    c.args(["run", "--config", cfg.to_str().unwrap(), "--wasm", cfg.to_str().unwrap()]).env("ENVOY_BIN", &fake).env("TMPDIR", &tmp);
+    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let o = child.wait_with_output().unwrap();
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let rec = std::fs::read_to_string(&record).unwrap_or_else(|e| panic!("the stand-in Envoy did not run ({e}): {err}"));
+    let lines: Vec<&str> = rec.lines().collect();
+    let used = Path::new(lines[0]);
+    assert!(used.starts_with(&tmp), "{rec}");
+    assert_ne!(used, tmp.join(format!("auto-ai-router-{pid}")), "a guessable directory name");
+    let name = used.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("auto-ai-router-") && name.len() == "auto-ai-router-".len() + 6, "{name}");
+    assert_eq!(lines[1], "700", "the run directory is not private: {rec}");
+    assert!(lines[2..].contains(&"envoy.yaml"), "{rec}");
+    assert!(!used.exists(), "{} is left behind", used.display());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,7 @@
 //! docker-compose and Istio deployment files: the compose bootstrap is current and passes
 //! `envoy --mode validate`; the manifests parse and carry the fields Istio's schema has, with a
-//! plugin configuration the filter accepts. (Docker and Kubernetes are not available here.)
+//! plugin configuration the filter accepts, scoped to the router's listener, Gateway and hosts.
+//! (Docker and Kubernetes are not available here.)
 
 use auto_ai_router::locate;
 use filter::config;
@@ -52,11 +53,7 @@ fn compose_bootstrap_is_current_and_envoy_accepts_it() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        std::fs::read_to_string(&fresh).unwrap(),
-        committed,
-        "envoy/docker/envoy.yaml is stale: run `make compose-bootstrap`"
-    );
+    assert_eq!(std::fs::read_to_string(&fresh).unwrap(), committed, "envoy/docker/envoy.yaml is stale: run `make compose-bootstrap`");
     for (_, value) in COMPOSE_ENV {
         assert!(!committed.contains(value), "the compose bootstrap holds a key value");
     }
@@ -110,27 +107,24 @@ fn accepts(plugin_json: &str) {
     config::validate(&raw, &env).unwrap_or_else(|e| panic!("plugin config: {e}"));
 }
 
+/// The Istio WasmPlugin path is not shipped: WasmPlugin cannot set `allow_on_headers_stop_iteration`,
+/// so a router deployed that way would hang every inference request (see envoy/README.md).
 #[test]
-fn wasmplugin_has_istio_fields_and_a_config_the_filter_accepts() {
-    let all = kinds("envoy/istio/wasmplugin.yaml");
-    let (kind, d) = &all[0];
-    assert_eq!(kind, "WasmPlugin");
-    let spec = get(d, "spec");
-    let url = str_of(spec, "url");
-    assert!(url.starts_with("oci://") || url.starts_with("file://") || url.starts_with("https://"));
-    assert_eq!(str_of(spec, "pluginName"), "auto_ai_router");
-    assert_eq!(str_of(spec, "failStrategy"), "FAIL_CLOSE");
-    assert_eq!(str_of(spec, "type"), "HTTP");
-    let env: Vec<&str> = get(spec, "vmConfig.env").as_sequence().unwrap().iter().map(|e| str_of(e, "name")).collect();
-    for e in get(spec, "vmConfig.env").as_sequence().unwrap() {
-        assert!(matches!(str_of(e, "valueFrom"), "HOST" | "INLINE"));
+fn no_istio_manifest_is_a_wasmplugin() {
+    let dir = repo().join("envoy/istio");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("yaml") {
+            continue;
+        }
+        let rel = path.strip_prefix(repo()).unwrap().to_str().unwrap().to_string();
+        for (kind, _) in kinds(&rel) {
+            assert_ne!(kind, "WasmPlugin", "{rel}: a WasmPlugin cannot carry allow_on_headers_stop_iteration");
+            n += 1;
+        }
     }
-    let plugin = serde_json::to_string(get(spec, "pluginConfig")).unwrap();
-    accepts(&plugin);
-    // Every os.environ/ variable of the plugin config is passed to the VM.
-    for var in plugin.split("os.environ/").skip(1).map(|s| s.split('"').next().unwrap()) {
-        assert!(env.contains(&var), "vmConfig.env lacks {var}");
-    }
+    assert!(n >= 4, "only {n} manifests in {}", dir.display());
 }
 
 #[test]
@@ -141,6 +135,10 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     let patches = get(d, "spec.configPatches").as_sequence().unwrap();
     let filter = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_FILTER").expect("HTTP_FILTER patch");
     assert_eq!(str_of(filter, "patch.operation"), "INSERT_BEFORE");
+    // Scoped to the router's listener: the gateway listener port of the Gateway's server (80 on
+    // the Service, 8080 in the pod of Istio's default ingress gateway).
+    assert_eq!(str_of(filter, "match.context"), "GATEWAY");
+    assert_eq!(get(filter, "match.listener.portNumber").as_u64(), Some(8080), "the filter must not go into every HCM of the gateway");
     let cfg = get(filter, "patch.value.typed_config.config");
     assert_eq!(get(cfg, "allow_on_headers_stop_iteration").as_bool(), Some(true));
     assert_eq!(str_of(cfg, "root_id"), "auto_ai_router");
@@ -149,6 +147,10 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     let keys: Vec<&str> =
         get(cfg, "vm_config.environment_variables.host_env_keys").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(keys.contains(&"ROUTER_MASTER_KEY") && keys.contains(&"OPENAI_API_KEY"));
+    // Every os.environ/ variable of the plugin configuration is passed to the VM.
+    for var in str_of(cfg, "configuration.value").split("os.environ/").skip(1).map(|s| s.split('"').next().unwrap()) {
+        assert!(keys.contains(&var), "host_env_keys lacks {var}");
+    }
     let cluster = patches.iter().find(|p| str_of(p, "applyTo") == "CLUSTER").expect("CLUSTER patch");
     assert_eq!(str_of(cluster, "patch.value.name"), "openai_main");
     let route = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_ROUTE").expect("HTTP_ROUTE patch");
@@ -157,6 +159,18 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     let vs = kinds("envoy/istio/virtualservice.yaml");
     let (_, v) = vs.iter().find(|(k, _)| k == "VirtualService").expect("VirtualService");
     assert_eq!(str_of(v, "spec.http.0.name"), route_name);
+    // The route patch is for the router's own Gateway, which serves only the router's host names.
+    let (_, gw) = vs.iter().find(|(k, _)| k == "Gateway").expect("Gateway");
+    let gw_name = format!("{}/{}", str_of(gw, "metadata.namespace"), str_of(gw, "metadata.name"));
+    assert_eq!(str_of(route, "match.routeConfiguration.gateway"), gw_name);
+    assert_eq!(get(gw, "spec.servers.0.port.number").as_u64(), Some(80));
+    for (what, hosts) in [("Gateway", get(gw, "spec.servers.0.hosts")), ("VirtualService", get(v, "spec.hosts"))] {
+        let hosts: Vec<&str> = hosts.as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+        assert!(
+            !hosts.is_empty() && !hosts.iter().any(|h| h.contains('*')),
+            "{what} hosts {hosts:?}: a wildcard takes /v1/ from every app"
+        );
+    }
 }
 
 #[test]

@@ -107,10 +107,7 @@ fn merges_two_providers_keeping_entries_and_comments_then_adds_nothing() {
 
     let written = std::fs::read_to_string(&models).unwrap();
     assert!(written.starts_with(EXISTING), "existing text kept byte for byte:\n{written}");
-    assert_eq!(
-        entries(&models),
-        vec![("gpt-4".into(), Some(10)), ("gpt-3.5".into(), Some(40)), ("claude-3".into(), Some(40))]
-    );
+    assert_eq!(entries(&models), vec![("gpt-4".into(), Some(10)), ("gpt-3.5".into(), Some(40)), ("claude-3".into(), Some(40))]);
     // The key went in the Authorization header, and the path kept b's base path.
     assert_eq!(a.mock.stats().by_key.get(KEY_A), Some(&1), "{:?}", a.mock.stats().by_key);
     assert_eq!(b.mock.stats().by_path.get("/v1/models"), Some(&1), "{:?}", b.mock.stats().by_path);
@@ -173,10 +170,7 @@ fn a_wrong_key_is_reported_without_the_key() {
     assert!(err.contains("credential b: GET") && err.contains("HTTP 401"), "{err}");
     assert!(out.contains("added gpt-4 (rpm 50) from a") && !out.contains("claude-3"), "{out}");
     assert_eq!(b.mock.stats().unauthorized, 1);
-    assert_eq!(
-        std::fs::read_to_string(&models).unwrap(),
-        "models: # filled by sync\n  - name: gpt-4\n    rpm: 50\n"
-    );
+    assert_eq!(std::fs::read_to_string(&models).unwrap(), "models: # filled by sync\n  - name: gpt-4\n    rpm: 50\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -228,11 +222,7 @@ fn config_errors_exit_1_before_any_request() {
     let cfg = write_config(&dir, &a.url(), &a.url(), KEY_B, 50);
 
     // The credential's os.environ/ variable is not set: the usual config error, naming it.
-    let o = Command::new(CLI)
-        .args(["models", "sync", "--config", cfg.to_str().unwrap()])
-        .env_remove("SYNC_KEY_A")
-        .output()
-        .unwrap();
+    let o = Command::new(CLI).args(["models", "sync", "--config", cfg.to_str().unwrap()]).env_remove("SYNC_KEY_A").output().unwrap();
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
     assert!(err.contains("credentials[0] (a): api_key") && err.contains("SYNC_KEY_A"), "{err}");
@@ -328,5 +318,59 @@ fn https_provider_is_verified_against_the_ca_bundle() {
     assert!(head.starts_with("GET /v1/models HTTP/1.1\r\n"), "{head}");
     assert!(head.to_ascii_lowercase().contains(&format!("authorization: bearer {}", KEY_A.to_ascii_lowercase())), "{head}");
     assert_eq!(entries(&dir.join("models.yaml")), vec![("tls-model".into(), Some(50))]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A provider that answers one request with a 401 whose message echoes the whole key after a long
+/// prefix (the key straddles the 200-character cut of the shown message).
+fn echoing_provider(key: &'static str) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+        let msg = format!("{} Incorrect API key provided: {key}.", "The provider says: no.".repeat(7));
+        let body = serde_json::json!({"error": {"message": msg, "type": "invalid_request_error"}}).to_string();
+        let resp = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).unwrap();
+    });
+    (url, t)
+}
+
+#[test]
+fn a_long_key_echoed_after_a_long_message_is_redacted_before_the_message_is_cut() {
+    const LONG_KEY: &str = "sk-proj-Zq8vT1mN4bR7kL2pX9cW5hJ3yF6gD0sA8eU1iO4tQ7wE2rY5uI9oP3aS6dF0gH";
+    let (url, provider) = echoing_provider(LONG_KEY);
+    let dir = scratch("echo");
+    let cfg = dir.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!("server: {{master_key: k}}\ncredentials:\n  - name: echo\n    api_key: \"{LONG_KEY}\"\n    base_url: {url}\n"),
+    )
+    .unwrap();
+    let o = sync(&cfg, &["--dry-run"]);
+    provider.join().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "no credential answered\n{out}\n{err}");
+    let shown = format!("{out}{err}");
+    assert!(shown.contains("HTTP 401: The provider says"), "{shown}");
+    // Nothing of the key beyond the mask's first 7 characters.
+    for w in LONG_KEY.as_bytes().windows(8) {
+        let part = std::str::from_utf8(w).unwrap();
+        assert!(!shown.contains(part), "{part:?} of the key is shown:\n{shown}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

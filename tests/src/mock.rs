@@ -185,11 +185,7 @@ fn json_response(status: u16, name: &str, v: &Value) -> Response<Body> {
 }
 
 fn openai_error(status: u16, name: &str, message: &str, kind: &str, code: &str) -> Response<Body> {
-    json_response(
-        status,
-        name,
-        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
-    )
+    json_response(status, name, &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))
 }
 
 /// Merges `patch` (a JSON object) into `settings`; unknown keys are an error.
@@ -235,10 +231,7 @@ fn base64(data: &[u8]) -> String {
 impl Mock {
     pub fn new(settings: Settings) -> Arc<Mock> {
         let seed = now_ms() ^ (std::process::id() as u64) << 32 | 1;
-        Arc::new(Mock {
-            inner: Mutex::new(Inner { settings, stats: Stats::default(), in_scope: 0, rng: seed }),
-            seq: AtomicU64::new(0),
-        })
+        Arc::new(Mock { inner: Mutex::new(Inner { settings, stats: Stats::default(), in_scope: 0, rng: seed }), seq: AtomicU64::new(0) })
     }
 
     pub fn settings(&self) -> Settings {
@@ -277,9 +270,7 @@ impl Mock {
                     async move { mock.handle(req).await }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(io, svc)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()).serve_connection(io, svc).await;
             });
         }
     }
@@ -304,14 +295,14 @@ impl Mock {
             s.drop_next -= 1;
             return Fault::Drop;
         }
-        if (s.drop_every > 0 && n % s.drop_every == 0) || drop_roll < s.drop_percent {
+        if (s.drop_every > 0 && n.is_multiple_of(s.drop_every)) || drop_roll < s.drop_percent {
             return Fault::Drop;
         }
         if s.fail_next > 0 {
             s.fail_next -= 1;
             return Fault::Fail(s.fail_status);
         }
-        if (s.fail_every > 0 && n % s.fail_every == 0) || fail_roll < s.fail_percent {
+        if (s.fail_every > 0 && n.is_multiple_of(s.fail_every)) || fail_roll < s.fail_percent {
             return Fault::Fail(s.fail_status);
         }
         Fault::None
@@ -359,9 +350,7 @@ impl Mock {
                 self.reset_stats();
                 return Ok(json_response(200, &name, &json!({"reset": true})));
             }
-            (Method::GET, "/_control") => {
-                return Ok(json_response(200, &name, &serde_json::to_value(self.settings()).unwrap_or_default()))
-            }
+            (Method::GET, "/_control") => return Ok(json_response(200, &name, &serde_json::to_value(self.settings()).unwrap_or_default())),
             (Method::POST, "/_control") => {
                 let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 let patch: Value = match serde_json::from_slice(&body) {
@@ -416,7 +405,16 @@ impl Mock {
             "body": parsed.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned())),
         });
         let settings = self.settings();
-        let mut entry = LogEntry { seq, method: method.to_string(), path: path.clone(), key: key.clone(), model: model.clone(), stream, status: 0, ts_ms: now_ms() };
+        let mut entry = LogEntry {
+            seq,
+            method: method.to_string(),
+            path: path.clone(),
+            key: key.clone(),
+            model: model.clone(),
+            stream,
+            status: 0,
+            ts_ms: now_ms(),
+        };
 
         let in_scope = match settings.fault_scope {
             FaultScope::All => true,
@@ -468,11 +466,8 @@ impl Mock {
         let name = &s.name;
         let created = now_ms() / 1000;
         if *method == Method::GET && path == "/v1/models" {
-            let data: Vec<Value> = s
-                .models
-                .iter()
-                .map(|m| json!({"id": m, "object": "model", "created": 1_700_000_000u64, "owned_by": name}))
-                .collect();
+            let data: Vec<Value> =
+                s.models.iter().map(|m| json!({"id": m, "object": "model", "created": 1_700_000_000u64, "owned_by": name})).collect();
             return json_response(200, name, &json!({"object": "list", "data": data}));
         }
         if *method == Method::GET {
@@ -484,8 +479,7 @@ impl Mock {
                 };
             }
         }
-        let is_inference = *method == Method::POST
-            && matches!(path, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings");
+        let is_inference = *method == Method::POST && matches!(path, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings");
         if !is_inference {
             return json_response(
                 200,
@@ -528,11 +522,15 @@ impl Mock {
                     });
                 }
                 let completion_tokens = text.split_whitespace().count() as u64;
-                json_response(200, name, &json!({
-                    "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-                }))
+                json_response(
+                    200,
+                    name,
+                    &json!({
+                        "id": id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+                    }),
+                )
             }
             _ => {
                 let prompt_tokens = body.get("messages").map(word_count).unwrap_or(0);
@@ -561,12 +559,16 @@ impl Mock {
                         c
                     });
                 }
-                json_response(200, name, &json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": null,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
-                                 "logprobs": null, "finish_reason": "stop"}],
-                    "usage": usage
-                }))
+                json_response(
+                    200,
+                    name,
+                    &json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": null,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
+                                     "logprobs": null, "finish_reason": "stop"}],
+                        "usage": usage
+                    }),
+                )
             }
         }
     }
@@ -593,8 +595,12 @@ impl Mock {
                 json!({"object": "embedding", "index": i, "embedding": embedding})
             })
             .collect();
-        json_response(200, &s.name, &json!({"object": "list", "data": data, "model": model,
-                                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}))
+        json_response(
+            200,
+            &s.name,
+            &json!({"object": "list", "data": data, "model": model,
+                                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+        )
     }
 
     /// An SSE reply: `chunks` content events carrying `text` split into pieces, a final event with
@@ -608,10 +614,7 @@ impl Mock {
             let (a, b) = (i * words.len() / n, (i + 1) * words.len() / n);
             pieces.push(words[a..b].concat());
         }
-        let mut events: Vec<Bytes> = pieces
-            .iter()
-            .map(|p| Bytes::from(format!("data: {}\n\n", event(p, None))))
-            .collect();
+        let mut events: Vec<Bytes> = pieces.iter().map(|p| Bytes::from(format!("data: {}\n\n", event(p, None)))).collect();
         events.push(Bytes::from(format!("data: {}\n\n", event("", Some("stop")))));
         events.push(Bytes::from_static(b"data: [DONE]\n\n"));
         let delay = Duration::from_millis(s.chunk_delay_ms);

@@ -5,15 +5,27 @@
 //!
 //! Measured on Envoy 1.40: after a trap, the worker's VM is reloaded only after the reload backoff
 //! (`PluginConfig.reload_config`, default base interval 1 s); until then that worker answers 503
-//! (a bare Envoy reply). The test asserts that every request in that window is refused and
-//! reaches no provider, and that service is back within a bounded time.
+//! (Envoy's reply has an empty body; the bootstrap's local-reply mapper, matching its response code
+//! details `wasm_fail_stream`, gives it OpenAI's JSON error shape). The test asserts that every
+//! request in that window is refused with that JSON and reaches no provider, and that service is
+//! back within a bounded time.
 
 use e2e::harness::{api_log, cred, mock, Options, Router, Wasm, MASTER};
-use e2e::http::Request;
+use e2e::http::{Request, Response};
 use std::time::{Duration, Instant};
 
 /// How long a worker may stay failed after a trap before the VM must have been reloaded.
 const RECOVERY_BOUND: Duration = Duration::from_secs(4);
+
+/// The wasm failure policy's 503 (Envoy sends it with an empty body) as the bootstrap's local-reply
+/// mapper rewrites it: OpenAI's JSON error shape, so SDKs show a message instead of a parse error.
+fn assert_router_unavailable(x: &Response, what: &str) {
+    assert_eq!(x.status, 503, "{what}: {}", x.describe());
+    assert!(x.header("content-type").unwrap_or("").starts_with("application/json"), "{what}: {}", x.describe());
+    assert_eq!(x.error_type().as_deref(), Some("service_unavailable_error"), "{what}: {}", x.describe());
+    assert_eq!(x.error_code().as_deref(), Some("router_unavailable"), "{what}: {}", x.describe());
+    assert!(x.json()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {}", x.describe());
+}
 
 #[test]
 fn a_trap_fails_closed_and_the_vm_reloads() {
@@ -31,7 +43,7 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
             Request::post("/v1/chat/completions").header("x-auto-ai-router-fault", "trap").body("{\"model\":\"gpt-4o\"}"),
         ] {
             match req.send(r.addr) {
-                Ok(x) => assert!((500..600).contains(&x.status), "round {round}: a trap gave {}", x.describe()),
+                Ok(x) => assert_router_unavailable(&x, &format!("round {round}: a trap")),
                 Err(e) => panic!("round {round}: a trap closed the connection without a reply ({e}); expected a 5xx"),
             }
             assert_eq!(api_log(&a).len(), 0, "round {round}: a trapped request reached the provider");
@@ -45,10 +57,17 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
             let ok = r.chat("gpt-4o");
             for x in [&unauth, &ok] {
                 assert!(
-                    (500..600).contains(&x.status) || x.status == 401 && std::ptr::eq(x, &unauth) || x.status == 200 && std::ptr::eq(x, &ok),
+                    (500..600).contains(&x.status)
+                        || x.status == 401 && std::ptr::eq(x, &unauth)
+                        || x.status == 200 && std::ptr::eq(x, &ok),
                     "round {round}: {}",
                     x.describe()
                 );
+            }
+            for x in [&unauth, &ok] {
+                if (500..600).contains(&x.status) {
+                    assert_router_unavailable(x, &format!("round {round}: in the reload window"));
+                }
             }
             served += (ok.status == 200) as usize;
             refused += (ok.status != 200) as usize + (unauth.status != 401) as usize;
@@ -65,7 +84,12 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
         for _ in 0..6 {
             assert_eq!(r.chat("gpt-4o").status, 200, "round {round}");
             let denied = r.send(&Request::chat("sk-not-the-key", "gpt-4o"));
-            assert_eq!((denied.status, denied.error_code().as_deref()), (401, Some("invalid_api_key")), "round {round}: {}", denied.describe());
+            assert_eq!(
+                (denied.status, denied.error_code().as_deref()),
+                (401, Some("invalid_api_key")),
+                "round {round}: {}",
+                denied.describe()
+            );
         }
         let log = api_log(&a);
         assert_eq!(log.len(), 6, "round {round}: only the authorised requests reached the provider");

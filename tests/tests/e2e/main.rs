@@ -14,3 +14,4 @@ mod client;
 mod secrets;
 mod hostile;
 mod fault;
+mod listener;
