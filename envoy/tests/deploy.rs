@@ -158,6 +158,10 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     let route_name = str_of(route, "match.routeConfiguration.vhost.route.name");
     let vs = kinds("envoy/istio/virtualservice.yaml");
     let (_, v) = vs.iter().find(|(k, _)| k == "VirtualService").expect("VirtualService");
+    let plugin: serde_json::Value = serde_json::from_str(str_of(cfg, "configuration.value")).unwrap();
+    let hosts: Vec<&str> = plugin.pointer("/server/hosts").and_then(|h| h.as_array()).expect("server.hosts").iter().filter_map(|h| h.as_str()).collect();
+    let vs_hosts: Vec<&str> = get(v, "spec.hosts").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(hosts, vs_hosts, "the plugin's hosts are the router's VirtualService hosts");
     assert_eq!(str_of(v, "spec.http.0.name"), route_name);
     // The route patch is for the router's own Gateway, which serves only the router's host names.
     let (_, gw) = vs.iter().find(|(k, _)| k == "Gateway").expect("Gateway");

@@ -83,8 +83,7 @@ fn seen(host: &dyn Host) -> HostResult<Seen> {
 
 /// Whether a request's host is one the router serves (`server.hosts`; empty = every host).
 fn in_scope(rt: &Runtime, authority: &str) -> bool {
-    let _ = (rt, authority);
-    true
+    rt.cfg.server.host_matches(authority)
 }
 
 impl Request {
@@ -177,6 +176,7 @@ impl Request {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn reply(&mut self, rt: Option<&Runtime>, host: &dyn Host, status: u16, message: &str, code: Option<&str>, reason: &'static str, extra: &[(&str, &str)]) -> Action {
         self.reply_body(rt, host, status, &errors::body(status, message, code), reason, extra)
     }

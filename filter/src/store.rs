@@ -113,10 +113,13 @@ pub fn read<T: Default>(store: &dyn SharedStore, key: &str, decode: impl Fn(&[u8
 /// worker preempting this one (host-sim has the same hook on the real module).
 pub type Preempt = Box<dyn Fn(&MemStore)>;
 
+/// The last token handed out, and each key's value and token.
+type Entries = (u32, HashMap<String, (Vec<u8>, u32)>);
+
 /// An in-memory store with cpp-host's CAS rules, for native tests.
 #[derive(Default)]
 pub struct MemStore {
-    inner: RefCell<(u32, HashMap<String, (Vec<u8>, u32)>)>,
+    inner: RefCell<Entries>,
     /// Test hook: make the next N sets fail as if another worker won the race.
     pub fail_next_sets: Cell<u32>,
     /// Test hook: the next N gets fail with a host error.
@@ -213,7 +216,7 @@ mod tests {
         let s = MemStore::default();
         // Between our read (absent) and our create, another worker creates and charges the key.
         s.set_preempt(Some(Box::new(|s: &MemStore| {
-            if s.inner.borrow().1.get("k").is_none() {
+            if !s.inner.borrow().1.contains_key("k") {
                 s.set("k", &enc(&5), CREATE_CAS).unwrap();
             }
         })));
@@ -228,7 +231,7 @@ mod tests {
         let calls = Cell::new(0u32);
         s.set_preempt(Some(Box::new(move |s: &MemStore| {
             calls.set(calls.get() + 1);
-            if calls.get() % 2 == 0 {
+            if calls.get().is_multiple_of(2) {
                 return;
             }
             let (v, cas) = s.get("k").unwrap();

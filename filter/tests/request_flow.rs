@@ -1,0 +1,178 @@
+//! The request state machine on an in-memory host (no VM): scope, trailers, host failures, the
+//! client-facing statuses. host-sim runs the same flows on the real `.wasm`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use filter::config;
+use filter::host::Action;
+use filter::request::Request;
+use filter::runtime::Runtime;
+use filter::store::MemStore;
+use filter::testing::MemHost;
+use filter::CLUSTER_HEADER;
+use std::rc::Rc;
+
+const MASTER: &str = "sk-master-flow-0123";
+
+fn runtime(extra_server: &str, rpm: i64) -> Runtime {
+    let text = format!(
+        "server: {{master_key: {MASTER}, default_models_rpm: -1{extra_server}}}\ncredentials:\n\
+         \x20 - {{name: c1, api_key: sk-c1-secret, base_url: 'http://c1.test', rpm: {rpm}}}\n\
+         \x20 - {{name: c2, api_key: sk-c2-secret, base_url: 'http://c2.test/base', rpm: {rpm}}}\n"
+    );
+    Runtime::new(config::load(&text, &|_| None).unwrap())
+}
+
+fn chat_headers(authority: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (":method", "POST".into()),
+        (":path", "/v1/chat/completions".into()),
+        (":authority", authority.into()),
+        ("authorization", format!("Bearer {MASTER}")),
+        ("content-type", "application/json".into()),
+    ]
+}
+
+fn host(store: &Rc<MemStore>, headers: &[(&'static str, String)], body: &[u8]) -> MemHost {
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    MemHost::new(store.clone()).with_request(&h, body)
+}
+
+/// Headers, then the whole body at end of stream.
+fn run(rt: &Runtime, h: &MemHost) -> (Action, Action) {
+    let mut r = Request::default();
+    let a = r.on_request_headers(Some(rt), h, false);
+    let size = h.request_body.borrow().len();
+    let b = r.on_request_body(Some(rt), h, size, true);
+    (a, b)
+}
+
+fn reply_json(h: &MemHost) -> (u16, serde_json::Value) {
+    let r = h.reply.borrow().clone().expect("a local reply");
+    (r.status, serde_json::from_str(&r.body).expect("JSON body"))
+}
+
+#[test]
+fn a_foreign_host_passes_byte_for_byte() {
+    let rt = runtime(", replace_v1_models: false, hosts: [ai.example.com]", -1);
+    let store = Rc::new(MemStore::default());
+    let mut headers = chat_headers("other-app.example.com");
+    headers.push(("x-api-key", "their-own-key".into()));
+    headers.push((CLUSTER_HEADER, "whatever".into()));
+    headers[3].1 = "Bearer not-our-key".into();
+    let h = host(&store, &headers, br#"{"model":"m"}"#);
+    let before = h.request_headers.borrow().clone();
+    assert_eq!(run(&rt, &h), (Action::Continue, Action::Continue));
+    assert_eq!(*h.request_headers.borrow(), before, "not one header touched");
+    assert!(h.reply.borrow().is_none());
+    assert_eq!(h.calls.borrow().get("set_request_header"), None);
+    assert!(store.keys().is_empty(), "no state touched either");
+    // /health on the foreign host is not ours either.
+    let h = host(&store, &[(":method", "GET".into()), (":path", "/health".into()), (":authority", "other:443".into())], b"");
+    assert_eq!(Request::default().on_request_headers(Some(&rt), &h, true), Action::Continue);
+    assert!(h.reply.borrow().is_none());
+}
+
+#[test]
+fn our_host_is_routed_and_loses_client_routing_headers() {
+    let rt = runtime(", replace_v1_models: false, hosts: ['AI.example.com']", -1);
+    let store = Rc::new(MemStore::default());
+    let mut headers = chat_headers("ai.example.com:8443");
+    headers.push(("x-api-key", "client-key".into()));
+    headers.push((CLUSTER_HEADER, "c2".into()));
+    let h = host(&store, &headers, br#"{"model":"m"}"#);
+    assert_eq!(run(&rt, &h), (Action::Pause, Action::Continue));
+    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c1"), "the client's c2 had no effect");
+    assert_eq!(h.header("x-api-key"), None);
+    assert_eq!(h.header("authorization").as_deref(), Some("Bearer sk-c1-secret"));
+    assert_eq!(h.header(":authority").as_deref(), Some("c1.test"));
+    assert_eq!(h.route_cache_cleared.get(), 1);
+}
+
+#[test]
+fn paths_outside_the_router_keep_their_headers() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let h = host(&store, &[(":method", "GET".into()), (":path", "/metrics".into()), ("x-api-key", "k".into())], b"");
+    assert_eq!(Request::default().on_request_headers(Some(&rt), &h, true), Action::Continue);
+    assert_eq!(h.header("x-api-key").as_deref(), Some("k"));
+}
+
+#[test]
+fn trailers_end_the_body() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let body = br#"{"model":"m","messages":[]}"#;
+    let h = host(&store, &chat_headers("r"), body);
+    let mut r = Request::default();
+    assert_eq!(r.on_request_headers(Some(&rt), &h, false), Action::Pause);
+    assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), false), Action::Pause, "more may come");
+    assert_eq!(r.on_request_trailers(Some(&rt), &h), Action::Continue);
+    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c1"));
+}
+
+#[test]
+fn a_failing_host_call_is_a_503_for_that_request_only() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let limited = runtime("", 100);
+    for call in ["request_headers", "set_request_header", "request_body", "clear_route_cache", "get_shared_data", "set_shared_data"] {
+        let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+        h.failing.borrow_mut().push(call);
+        let (a, b) = run(if call == "set_shared_data" { &limited } else { &rt }, &h);
+        let b = if call == "request_headers" { a } else { b };
+        let (status, v) = reply_json(&h);
+        assert_eq!((status, b), (503, Action::Pause), "{call}");
+        assert_eq!(v["error"]["type"], "service_unavailable_error", "{call}");
+        assert!(h.header(CLUSTER_HEADER).is_none() || call == "clear_route_cache", "{call}: never routed half-way");
+    }
+    // The next request on the same worker is served normally.
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    assert_eq!(run(&rt, &h).1, Action::Continue);
+}
+
+#[test]
+fn when_even_the_reply_fails_the_request_stays_paused() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    h.failing.borrow_mut().extend(["request_body", "send_reply"]);
+    assert_eq!(run(&rt, &h).1, Action::Pause, "fail closed: never continue unrouted");
+    assert!(h.header(CLUSTER_HEADER).is_none());
+    assert!(h.header("authorization").is_some_and(|a| a.contains(MASTER)), "untouched, and it goes nowhere");
+}
+
+#[test]
+fn a_model_nobody_serves_is_404_model_not_found() {
+    let rt = runtime(", replace_v1_models: true", -1);
+    let store = Rc::new(MemStore::default());
+    // c1 lists only gpt-4o; c2 has no list yet, so it serves everything: "ghost" is routed to c2.
+    let keys = &rt.keys;
+    let entry = |id: &str| filter::models_index::ModelEntry { id: id.into(), created: 0, owned_by: String::new() };
+    filter::models_index::store_list(&*store, &keys[0].models, &[entry("gpt-4o")]).unwrap();
+    let h = host(&store, &chat_headers("r"), br#"{"model":"ghost"}"#);
+    assert_eq!(run(&rt, &h).1, Action::Continue);
+    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c2"));
+    filter::models_index::store_list(&*store, &keys[1].models, &[entry("claude")]).unwrap();
+    let h = host(&store, &chat_headers("r"), br#"{"model":"ghost"}"#);
+    run(&rt, &h);
+    let (status, v) = reply_json(&h);
+    assert_eq!(status, 404, "a client error: OpenAI SDKs don't retry it");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert!(v["error"]["message"].as_str().unwrap().contains("ghost"));
+}
+
+#[test]
+fn contention_is_503_with_its_own_reason_not_a_rate_limit() {
+    let rate_limited = runtime("", 5);
+    let store = Rc::new(MemStore::default());
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    store.fail_next_sets.set(10_000);
+    run(&rate_limited, &h);
+    store.fail_next_sets.set(0);
+    let (status, v) = reply_json(&h);
+    assert_eq!(status, 503);
+    assert_eq!(v["error"]["code"], "router_busy");
+    assert_eq!(h.metric("auto_ai_router_rejections_total.reason=.=contention;.;"), 1);
+    assert_eq!(h.metric("auto_ai_router_rejections_total.reason=.=rate_limited;.;"), 0);
+}
