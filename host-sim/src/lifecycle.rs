@@ -95,6 +95,8 @@ impl Vm {
     /// afterwards run on it; the previous root context of `root_id` (if any) gets `proxy_on_done`
     /// / `proxy_on_delete` once its last stream is over. A root id the VM does not have yet
     /// adds a plugin. The same configuration again is a no-op. Returns the root context id.
+    /// The canary is a VM of its own: it takes the next VM index (its logs carry it) and its
+    /// `on_vm_start` / `on_configure` touch shared data, as Envoy's canary does.
     pub fn push_config(&mut self, root_id: &str, config: impl Into<Vec<u8>>) -> Result<u32, VmError> {
         let config = config.into();
         let old = self.root_context(root_id);
