@@ -144,7 +144,7 @@ fn two_plugins_in_one_vm_and_an_upstream_attempt_sharing_filter_state() {
     let logs = drain(&host, 0);
     assert!(has(&logs, "create=3:1") && has(&logs, "root=auto_ai_router"), "{logs:?}");
     assert!(has(&logs, "set_property=0") && has(&logs, "fs=0"), "{logs:?}");
-    assert!(!logs.iter().any(|l| l.starts_with("plan=")), "no filter state before it is set: {logs:?}");
+    assert!(!logs.iter().any(|l| l.starts_with("plan=") || l.starts_with("fsread=")), "no filter state before it is set: {logs:?}");
     let f = down.expect_forwarded().clone();
     assert_eq!(f.filter_state.get("wasm.air_plan").map(Vec::as_slice), Some(&b"p1"[..]));
     assert_eq!(f.filter_state.get("envoy.test.key").map(Vec::as_slice), Some(&b"v1"[..]));
@@ -154,6 +154,7 @@ fn two_plugins_in_one_vm_and_an_upstream_attempt_sharing_filter_state() {
     assert!(has(&logs, "create=4:2") && has(&logs, "root=auto_ai_router_upstream"), "{logs:?}");
     assert!(has(&logs, "cluster=cluster_b"), "{logs:?}");
     assert!(has(&logs, "plan=p1"), "the downstream filter's set_property is visible: {logs:?}");
+    assert!(has(&logs, "fsread=v1"), "and its set_envoy_filter_state, as filter_state.<key>: {logs:?}");
     let uf = up.expect_forwarded();
     assert_eq!((uf.cluster.as_deref(), uf.body.as_slice(), uf.complete), (Some("cluster_b"), &b"hello"[..], true));
 

@@ -6,7 +6,7 @@
 ;;   "log=<ctx>" (then "cancel=<status>" of proxy_grpc_cancel on the last gRPC token),
 ;;   "done=<ctx>", "delete=<ctx>".
 ;; - request headers: "root=<plugin_root_id>", "cluster=<xds.cluster_name>", "plan=<air_plan>"
-;;   (each if present), then set_property(air_plan, p1) → "set_property=<status>",
+;;   "fsread=<filter_state.envoy.test.key>" (each if present), then set_property(air_plan, p1) → "set_property=<status>",
 ;;   set_envoy_filter_state(envoy.test.key, v1) → "fs=<status>", clear_route_cache; Continue.
 ;; - request body: StopIterationAndBuffer until end of stream.
 ;; - request trailers: "body=<whole buffered body>", proxy_grpc_call(rls, svc, Check, body,
@@ -62,6 +62,8 @@
   (data (i32.const 312) "1")
   (data (i32.const 316) "late=")
   (data (i32.const 324) "grpc-failed")
+  (data (i32.const 336) "filter_state\00envoy.test.key")
+  (data (i32.const 368) "fsread=")
   ;; 1024: returned pointer, 1028: returned size, 1032: last gRPC token, 1036: status code,
   ;; 3100..3200: digits, 4096..: the log line being built, 16384..: heap.
 
@@ -120,6 +122,7 @@
     (call $logprop (i32.const 0) (i32.const 14) (i32.const 16) (i32.const 5))
     (call $logprop (i32.const 24) (i32.const 16) (i32.const 48) (i32.const 8))
     (call $logprop (i32.const 56) (i32.const 8) (i32.const 64) (i32.const 5))
+    (call $logprop (i32.const 336) (i32.const 27) (i32.const 368) (i32.const 7))
     (call $s (i32.const 80) (i32.const 13))
     (call $n (call $set_property (i32.const 56) (i32.const 8) (i32.const 72) (i32.const 2)))
     (call $flush)
