@@ -1,8 +1,8 @@
 //! The `env` (proxy-wasm ABI 0.2.1) and `wasi_snapshot_preview1` imports, written by hand.
 //! Status codes follow Envoy / proxy-wasm cpp-host (the Rust SDK panics on unexpected ones).
 
-use crate::state::{status::*, CallReply, HttpCallRecord, LogLevel, MetricType, SharedQueue};
-use crate::vm::VmState;
+use crate::state::{status::*, GrpcCallRecord, HttpCallRecord, LogLevel, MetricType, SharedQueue};
+use crate::vm::{GrpcResult, Phase, VmState};
 use wasmtime::{Caller, Extern, Linker, Memory, Result};
 
 type C<'a> = Caller<'a, VmState>;
@@ -97,9 +97,7 @@ pub(crate) fn decode_pairs(b: &[u8]) -> Option<Vec<(String, String)>> {
     if b.is_empty() {
         return Some(Vec::new());
     }
-    let u32_at = |i: usize| -> Option<usize> {
-        Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize)
-    };
+    let u32_at = |i: usize| -> Option<usize> { Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize) };
     let n = u32_at(0)?;
     let mut sizes = Vec::with_capacity(n);
     for i in 0..n {
@@ -115,6 +113,66 @@ pub(crate) fn decode_pairs(b: &[u8]) -> Option<Vec<(String, String)>> {
         out.push((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()));
     }
     Some(out)
+}
+
+/// Pairs with byte values (gRPC initial metadata), same layout as [`decode_pairs`].
+fn decode_pairs_bytes(b: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    if b.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |i: usize| -> Option<usize> { Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize) };
+    let n = u32_at(0)?;
+    let mut p = 4 + n * 8;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let (kl, vl) = (u32_at(4 + i * 8)?, u32_at(8 + i * 8)?);
+        let k = b.get(p..p + kl)?;
+        p += kl + 1;
+        let v = b.get(p..p + vl)?;
+        p += vl + 1;
+        out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+    }
+    Some(out)
+}
+
+/// `envoy.source.extensions.common.wasm.SetEnvoyFilterStateArguments` (path = 1, value = 2,
+/// span = 3): (path, value); the life span is accepted and ignored.
+pub(crate) fn decode_filter_state_args(b: &[u8]) -> Option<(String, Vec<u8>)> {
+    fn varint(b: &[u8], p: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*p)?;
+            *p += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut path, mut value, mut p) = (String::new(), Vec::new(), 0);
+    while p < b.len() {
+        let tag = varint(b, &mut p)?;
+        match (tag >> 3, tag & 7) {
+            (f, 2) => {
+                let n = varint(b, &mut p)? as usize;
+                let bytes = b.get(p..p.checked_add(n)?)?;
+                p += n;
+                match f {
+                    1 => path = String::from_utf8(bytes.to_vec()).ok()?,
+                    2 => value = bytes.to_vec(),
+                    _ => {}
+                }
+            }
+            (_, 0) => {
+                varint(b, &mut p)?;
+            }
+            (_, 5) => p += 4,
+            (_, 1) => p += 8,
+            _ => return None,
+        }
+    }
+    Some((path, value))
 }
 
 /// Every `env` import this host provides (an import outside this list and the WASI list is
@@ -215,36 +273,28 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
     })?;
 
     // ---- buffers
-    linker.func_wrap(
-        env,
-        "proxy_get_buffer_bytes",
-        |mut c: C<'_>, ty: i32, start: i32, max: i32, pp: i32, sp: i32| -> Result<i32> {
-            let Some(buf) = c.data().buffer(ty) else { return Ok(NOT_FOUND) };
-            let (start, mut len) = (start as u32 as usize, max as u32 as usize);
-            if start.checked_add(len).is_none() {
-                return Ok(BAD_ARGUMENT);
-            }
-            if start > buf.len() {
-                return Ok(BAD_ARGUMENT);
-            }
-            if start + len > buf.len() {
-                len = buf.len() - start;
-            }
-            if len > 0 {
-                let slice = buf[start..start + len].to_vec();
-                give(&mut c, &slice, pp, sp)?;
-            }
-            Ok(OK)
-        },
-    )?;
-    linker.func_wrap(
-        env,
-        "proxy_set_buffer_bytes",
-        |mut c: C<'_>, ty: i32, start: i32, len: i32, dp: i32, dl: i32| -> Result<i32> {
-            let data = read(&mut c, dp, dl)?;
-            Ok(c.data_mut().set_buffer(ty, start as u32 as usize, len as u32 as usize, &data))
-        },
-    )?;
+    linker.func_wrap(env, "proxy_get_buffer_bytes", |mut c: C<'_>, ty: i32, start: i32, max: i32, pp: i32, sp: i32| -> Result<i32> {
+        let Some(buf) = c.data().buffer(ty) else { return Ok(NOT_FOUND) };
+        let (start, mut len) = (start as u32 as usize, max as u32 as usize);
+        if start.checked_add(len).is_none() {
+            return Ok(BAD_ARGUMENT);
+        }
+        if start > buf.len() {
+            return Ok(BAD_ARGUMENT);
+        }
+        if start + len > buf.len() {
+            len = buf.len() - start;
+        }
+        if len > 0 {
+            let slice = buf[start..start + len].to_vec();
+            give(&mut c, &slice, pp, sp)?;
+        }
+        Ok(OK)
+    })?;
+    linker.func_wrap(env, "proxy_set_buffer_bytes", |mut c: C<'_>, ty: i32, start: i32, len: i32, dp: i32, dl: i32| -> Result<i32> {
+        let data = read(&mut c, dp, dl)?;
+        Ok(c.data_mut().set_buffer(ty, start as u32 as usize, len as u32 as usize, &data))
+    })?;
     linker.func_wrap(env, "proxy_get_buffer_status", |mut c: C<'_>, ty: i32, lp: i32, fp: i32| -> Result<i32> {
         let Some(buf) = c.data().buffer(ty) else { return Ok(NOT_FOUND) };
         let n = buf.len() as u32;
@@ -272,24 +322,20 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
             }
         }))
     })?;
-    linker.func_wrap(
-        env,
-        "proxy_get_header_map_value",
-        |mut c: C<'_>, ty: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> Result<i32> {
-            let key = read_str(&mut c, kp, kl)?.to_ascii_lowercase();
-            let value = match c.data().map(ty) {
-                Ok(m) => m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()),
-                Err(s) => return Ok(s),
-            };
-            match value {
-                None => Ok(NOT_FOUND),
-                Some(v) => {
-                    give(&mut c, v.as_bytes(), vp, vl)?;
-                    Ok(OK)
-                }
+    linker.func_wrap(env, "proxy_get_header_map_value", |mut c: C<'_>, ty: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> Result<i32> {
+        let key = read_str(&mut c, kp, kl)?.to_ascii_lowercase();
+        let value = match c.data().map(ty) {
+            Ok(m) => m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()),
+            Err(s) => return Ok(s),
+        };
+        match value {
+            None => Ok(NOT_FOUND),
+            Some(v) => {
+                give(&mut c, v.as_bytes(), vp, vl)?;
+                Ok(OK)
             }
-        },
-    )?;
+        }
+    })?;
     linker.func_wrap(env, "proxy_remove_header_map_value", |mut c: C<'_>, ty: i32, kp: i32, kl: i32| -> Result<i32> {
         let key = read_str(&mut c, kp, kl)?.to_ascii_lowercase();
         Ok(c.data_mut().with_map(ty, |m| m.retain(|(k, _)| *k != key)))
@@ -319,15 +365,11 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
             }))
         },
     )?;
-    linker.func_wrap(
-        env,
-        "proxy_add_header_map_value",
-        |mut c: C<'_>, ty: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> Result<i32> {
-            let key = read_str(&mut c, kp, kl)?.to_ascii_lowercase();
-            let value = read_str(&mut c, vp, vl)?;
-            Ok(c.data_mut().with_map(ty, |m| m.push((key, value))))
-        },
-    )?;
+    linker.func_wrap(env, "proxy_add_header_map_value", |mut c: C<'_>, ty: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> Result<i32> {
+        let key = read_str(&mut c, kp, kl)?.to_ascii_lowercase();
+        let value = read_str(&mut c, vp, vl)?;
+        Ok(c.data_mut().with_map(ty, |m| m.push((key, value))))
+    })?;
     linker.func_wrap(env, "proxy_get_header_map_size", |mut c: C<'_>, ty: i32, sp: i32| -> Result<i32> {
         let size = match c.data().map(ty) {
             Ok(m) => m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
@@ -353,55 +395,38 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
         let path = read(&mut c, pp, pl)?;
         let value = read(&mut c, vp, vl)?;
         let key = path_key(&path);
-        let st = c.data_mut();
-        let ctx = st.effective_ctx();
-        match st.streams.get_mut(&ctx) {
-            // Envoy: no stream info outside a stream.
-            None => Ok(NOT_FOUND),
-            Some(s) => {
-                s.props.insert(key, value);
-                Ok(OK)
-            }
-        }
+        Ok(c.data_mut().set_property(key, value))
     })?;
 
     // ---- shared data (cpp-host SharedData: one mutex, global CAS counter)
-    linker.func_wrap(
-        env,
-        "proxy_get_shared_data",
-        |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, casp: i32| -> Result<i32> {
-            let key = read_str(&mut c, kp, kl)?;
-            let host = c.data().host.clone();
-            let found = host.shared.lock().unwrap().map.get(&key).cloned();
-            let Some((value, cas)) = found else { return Ok(NOT_FOUND) };
-            give(&mut c, &value, vp, vl)?;
-            write_u32(&mut c, casp, cas)?;
-            // A point where another worker may run (see Host::set_preempt).
-            host.preempt();
-            Ok(OK)
-        },
-    )?;
-    linker.func_wrap(
-        env,
-        "proxy_set_shared_data",
-        |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> Result<i32> {
-            let key = read_str(&mut c, kp, kl)?;
-            let value = read(&mut c, vp, vl)?;
-            let host = c.data().host.clone();
-            let mut sd = host.shared.lock().unwrap();
-            let cas = cas as u32;
-            if let Some((_, cur)) = sd.map.get(&key) {
-                if cas != 0 && cas != *cur {
-                    return Ok(CAS_MISMATCH);
-                }
+    linker.func_wrap(env, "proxy_get_shared_data", |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, casp: i32| -> Result<i32> {
+        let key = read_str(&mut c, kp, kl)?;
+        let host = c.data().host.clone();
+        let found = host.shared.lock().unwrap().map.get(&key).cloned();
+        let Some((value, cas)) = found else { return Ok(NOT_FOUND) };
+        give(&mut c, &value, vp, vl)?;
+        write_u32(&mut c, casp, cas)?;
+        // A point where another worker may run (see Host::set_preempt).
+        host.preempt();
+        Ok(OK)
+    })?;
+    linker.func_wrap(env, "proxy_set_shared_data", |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> Result<i32> {
+        let key = read_str(&mut c, kp, kl)?;
+        let value = read(&mut c, vp, vl)?;
+        let host = c.data().host.clone();
+        let mut sd = host.shared.lock().unwrap();
+        let cas = cas as u32;
+        if let Some((_, cur)) = sd.map.get(&key) {
+            if cas != 0 && cas != *cur {
+                return Ok(CAS_MISMATCH);
             }
-            let next = sd.next_cas();
-            sd.map.insert(key, (value, next));
-            drop(sd);
-            c.data_mut().stats.shared_sets += 1;
-            Ok(OK)
-        },
-    )?;
+        }
+        let next = sd.next_cas();
+        sd.map.insert(key, (value, next));
+        drop(sd);
+        c.data_mut().stats.shared_sets += 1;
+        Ok(OK)
+    })?;
 
     // ---- shared queues
     linker.func_wrap(env, "proxy_register_shared_queue", |mut c: C<'_>, np: i32, nl: i32, rp: i32| -> Result<i32> {
@@ -426,22 +451,18 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
         write_u32(&mut c, rp, token)?;
         Ok(OK)
     })?;
-    linker.func_wrap(
-        env,
-        "proxy_resolve_shared_queue",
-        |mut c: C<'_>, _vp: i32, _vl: i32, np: i32, nl: i32, rp: i32| -> Result<i32> {
-            // One vm_id per host: the vm_id argument is accepted and ignored.
-            let name = read_str(&mut c, np, nl)?;
-            let t = c.data().host.queues.lock().unwrap().by_name.get(&(String::new(), name)).copied();
-            match t {
-                None => Ok(NOT_FOUND),
-                Some(t) => {
-                    write_u32(&mut c, rp, t)?;
-                    Ok(OK)
-                }
+    linker.func_wrap(env, "proxy_resolve_shared_queue", |mut c: C<'_>, _vp: i32, _vl: i32, np: i32, nl: i32, rp: i32| -> Result<i32> {
+        // One vm_id per host: the vm_id argument is accepted and ignored.
+        let name = read_str(&mut c, np, nl)?;
+        let t = c.data().host.queues.lock().unwrap().by_name.get(&(String::new(), name)).copied();
+        match t {
+            None => Ok(NOT_FOUND),
+            Some(t) => {
+                write_u32(&mut c, rp, t)?;
+                Ok(OK)
             }
-        },
-    )?;
+        }
+    })?;
     linker.func_wrap(env, "proxy_dequeue_shared_queue", |mut c: C<'_>, token: i32, vp: i32, vl: i32| -> Result<i32> {
         let item = {
             let host = c.data().host.clone();
@@ -471,12 +492,8 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
     })?;
 
     // ---- stream control
-    linker.func_wrap(env, "proxy_continue_stream", |mut c: C<'_>, ty: i32| -> Result<i32> {
-        Ok(c.data_mut().continue_stream(ty))
-    })?;
-    linker.func_wrap(env, "proxy_close_stream", |mut c: C<'_>, ty: i32| -> Result<i32> {
-        Ok(c.data_mut().close_stream(ty))
-    })?;
+    linker.func_wrap(env, "proxy_continue_stream", |mut c: C<'_>, ty: i32| -> Result<i32> { Ok(c.data_mut().continue_stream(ty)) })?;
+    linker.func_wrap(env, "proxy_close_stream", |mut c: C<'_>, ty: i32| -> Result<i32> { Ok(c.data_mut().close_stream(ty)) })?;
     linker.func_wrap(env, "proxy_continue_request", |mut c: C<'_>| -> Result<i32> { Ok(c.data_mut().continue_stream(0)) })?;
     linker.func_wrap(env, "proxy_continue_response", |mut c: C<'_>| -> Result<i32> { Ok(c.data_mut().continue_stream(1)) })?;
     linker.func_wrap(env, "proxy_clear_route_cache", |mut c: C<'_>| -> Result<i32> {
@@ -499,35 +516,13 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         env,
         "proxy_http_call",
-        |mut c: C<'_>,
-         up: i32,
-         ul: i32,
-         hp: i32,
-         hl: i32,
-         bp: i32,
-         bl: i32,
-         _tp: i32,
-         _tl: i32,
-         timeout: i32,
-         rp: i32|
-         -> Result<i32> {
+        |mut c: C<'_>, up: i32, ul: i32, hp: i32, hl: i32, bp: i32, bl: i32, _tp: i32, _tl: i32, timeout: i32, rp: i32| -> Result<i32> {
             let cluster = read_str(&mut c, up, ul)?;
             let hbytes = read(&mut c, hp, hl)?;
             let body = read(&mut c, bp, bl)?;
             let Some(headers) = decode_pairs(&hbytes) else { return Ok(BAD_ARGUMENT) };
             let host = c.data().host.clone();
-            let reply = {
-                let mut s = host.scripts.lock().unwrap();
-                if let Some(r) = s.once.get_mut(&cluster).and_then(|q| q.pop_front()) {
-                    Some(r)
-                } else if let Some(r) = s.always.get(&cluster) {
-                    Some(r.clone())
-                } else if s.known.contains(&cluster) {
-                    Some(CallReply::Failure)
-                } else {
-                    None
-                }
-            };
+            let reply = host.scripts.lock().unwrap().http(&cluster);
             // Envoy: an unknown cluster is BadArgument; so is a call missing :method/:path/:authority.
             let Some(reply) = reply else {
                 host.log(c.data().index, LogLevel::Warn, format!("host-sim: http_call to unknown cluster {cluster:?}"));
@@ -551,28 +546,77 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
             Ok(OK)
         },
     )?;
-    // gRPC is not used by this project: the calls exist (so a module importing them loads) and
-    // fail like a host without a gRPC service would.
+    // ---- gRPC (unary calls scripted per cluster; streams are not simulated)
     linker.func_wrap(
         env,
         "proxy_grpc_call",
-        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _f: i32, _g: i32, _h: i32, _i: i32, _j: i32, _k: i32, _l: i32, _m: i32| -> Result<i32> {
-            Ok(BAD_ARGUMENT)
+        |mut c: C<'_>,
+         up: i32,
+         ul: i32,
+         sp: i32,
+         sl: i32,
+         mp: i32,
+         ml: i32,
+         hp: i32,
+         hl: i32,
+         bp: i32,
+         bl: i32,
+         timeout: i32,
+         rp: i32|
+         -> Result<i32> {
+            // Envoy parses `upstream` as a GrpcService proto, else takes it as a cluster name.
+            let cluster = read_str(&mut c, up, ul)?;
+            let service = read_str(&mut c, sp, sl)?;
+            let method = read_str(&mut c, mp, ml)?;
+            let meta = read(&mut c, hp, hl)?;
+            let message = read(&mut c, bp, bl)?;
+            let Some(initial_metadata) = decode_pairs_bytes(&meta) else { return Ok(BAD_ARGUMENT) };
+            let host = c.data().host.clone();
+            let reply = host.scripts.lock().unwrap().grpc(&cluster);
+            // Envoy: no such cluster is ParseFailure (kept for ABI 0.1 callers).
+            let Some(reply) = reply else {
+                host.log(c.data().index, LogLevel::Warn, format!("host-sim: grpc_call to unknown cluster {cluster:?}"));
+                return Ok(PARSE_FAILURE);
+            };
+            let token = c.data_mut().add_grpc_call(reply, timeout as u32);
+            let now = host.now_ns();
+            host.grpc_calls.lock().unwrap().push(GrpcCallRecord {
+                vm: c.data().index,
+                token,
+                cluster,
+                service,
+                method,
+                initial_metadata,
+                message,
+                timeout_ms: timeout as u32,
+                at_ms: now / 1_000_000,
+            });
+            write_u32(&mut c, rp, token)?;
+            Ok(OK)
         },
     )?;
+    // gRPC streams are not simulated: InternalFailure (the SDK returns it as an error).
     linker.func_wrap(
         env,
         "proxy_grpc_stream",
-        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _f: i32, _g: i32, _h: i32, _i: i32, _j: i32| -> Result<i32> {
-            Ok(BAD_ARGUMENT)
+        |c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _f: i32, _g: i32, _h: i32, _i: i32, _j: i32| -> Result<i32> {
+            c.data().host.log(c.data().index, LogLevel::Warn, "host-sim: gRPC streams are not simulated".into());
+            Ok(INTERNAL_FAILURE)
         },
     )?;
-    linker.func_wrap(env, "proxy_grpc_send", |_c: C<'_>, _t: i32, _p: i32, _l: i32, _e: i32| -> Result<i32> { Ok(NOT_FOUND) })?;
-    linker.func_wrap(env, "proxy_grpc_cancel", |_c: C<'_>, _t: i32| -> Result<i32> { Ok(NOT_FOUND) })?;
-    linker.func_wrap(env, "proxy_grpc_close", |_c: C<'_>, _t: i32| -> Result<i32> { Ok(NOT_FOUND) })?;
+    linker.func_wrap(env, "proxy_grpc_send", |_c: C<'_>, t: i32, _p: i32, _l: i32, _e: i32| -> Result<i32> {
+        // Envoy: sending on a unary call token is BadArgument; no streams exist here.
+        Ok(if t & 1 == 1 { BAD_ARGUMENT } else { NOT_FOUND })
+    })?;
+    linker.func_wrap(env, "proxy_grpc_cancel", |mut c: C<'_>, t: i32| -> Result<i32> { Ok(c.data_mut().cancel_grpc(t as u32)) })?;
+    linker.func_wrap(env, "proxy_grpc_close", |mut c: C<'_>, t: i32| -> Result<i32> { Ok(c.data_mut().cancel_grpc(t as u32)) })?;
     linker.func_wrap(env, "proxy_get_status", |mut c: C<'_>, cp: i32, mp: i32, ml: i32| -> Result<i32> {
-        write_u32(&mut c, cp, 0)?;
-        give(&mut c, &[], mp, ml)?;
+        let (code, msg) = match (&c.data().grpc_result, c.data().phase) {
+            (Some(GrpcResult::Status(code, msg)), Phase::GrpcClose) => (*code, msg.clone().into_bytes()),
+            _ => (0, Vec::new()),
+        };
+        write_u32(&mut c, cp, code)?;
+        give(&mut c, &msg, mp, ml)?;
         Ok(OK)
     })?;
     linker.func_wrap(env, "proxy_set_effective_context", |mut c: C<'_>, ctx: i32| -> Result<i32> {
@@ -588,19 +632,39 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         env,
         "proxy_call_foreign_function",
-        |mut c: C<'_>, np: i32, nl: i32, _ap: i32, _al: i32, rp: i32, rl: i32| -> Result<i32> {
+        |mut c: C<'_>, np: i32, nl: i32, ap: i32, al: i32, rp: i32, rl: i32| -> Result<i32> {
             let name = read_str(&mut c, np, nl)?;
-            match name.as_str() {
+            let args = read(&mut c, ap, al)?;
+            // Envoy's source/extensions/common/wasm/foreign.cc
+            let status = match name.as_str() {
                 "clear_route_cache" => {
                     c.data_mut().clear_route_cache();
-                    give(&mut c, &[], rp, rl)?;
-                    Ok(OK)
+                    OK
                 }
-                _ => Ok(NOT_FOUND),
+                "set_envoy_filter_state" => match decode_filter_state_args(&args) {
+                    None => BAD_ARGUMENT,
+                    Some((key, value)) => c.data_mut().set_envoy_filter_state(key, value),
+                },
+                _ => return Ok(NOT_FOUND),
+            };
+            if status == OK {
+                give(&mut c, &[], rp, rl)?;
             }
+            Ok(status)
         },
     )?;
-    linker.func_wrap(env, "proxy_done", |_c: C<'_>| -> Result<i32> { Ok(OK) })?;
+    // cpp-host `WasmBase::done`: a root context waiting after on_done returned false is
+    // deleted after this VM call; any other context: NotFound.
+    linker.func_wrap(env, "proxy_done", |mut c: C<'_>| -> Result<i32> {
+        let st = c.data_mut();
+        let root = st.effective_ctx();
+        if st.roots.iter().any(|r| r.id == root && r.done_pending) {
+            st.done_called.push(root);
+            Ok(OK)
+        } else {
+            Ok(NOT_FOUND)
+        }
+    })?;
 
     // ---- metrics (Envoy: one stat per name in the scope; ids are per VM)
     linker.func_wrap(env, "proxy_define_metric", |mut c: C<'_>, ty: i32, np: i32, nl: i32, rp: i32| -> Result<i32> {
@@ -725,9 +789,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
         Ok(0)
     })?;
     linker.func_wrap(wasi, "args_get", |_c: C<'_>, _a: i32, _b: i32| -> Result<i32> { Ok(0) })?;
-    linker.func_wrap(wasi, "proc_exit", |_c: C<'_>, code: i32| -> Result<()> {
-        wasmtime::bail!("proc_exit({code})")
-    })?;
+    linker.func_wrap(wasi, "proc_exit", |_c: C<'_>, code: i32| -> Result<()> { wasmtime::bail!("proc_exit({code})") })?;
     linker.func_wrap(wasi, "clock_time_get", |mut c: C<'_>, _id: i32, _prec: i64, rp: i32| -> Result<i32> {
         let now = c.data().host.now_ns();
         write_u64(&mut c, rp, now)?;

@@ -111,6 +111,57 @@ pub struct HttpCallRecord {
     pub at_ms: u64,
 }
 
+/// What a scripted unary `proxy_grpc_call` gets back.
+#[derive(Clone, Debug)]
+pub enum GrpcReply {
+    /// Status OK with this response message (protobuf bytes) after `delay_ms`:
+    /// `proxy_on_grpc_receive`, the message in `GrpcReceiveBuffer`.
+    Message { bytes: Vec<u8>, delay_ms: u64 },
+    /// The call fails with this gRPC status after `delay_ms`: `proxy_on_grpc_close(status)`,
+    /// `proxy_get_status` gives code and message (e.g. 14 UNAVAILABLE).
+    Status { code: u32, message: String, delay_ms: u64 },
+    /// No answer: at the call's timeout Envoy 1.40 closes it with status 14
+    /// "upstream request timeout" (not 4 DEADLINE_EXCEEDED: measured).
+    Timeout,
+}
+
+impl GrpcReply {
+    pub fn ok(bytes: impl Into<Vec<u8>>) -> GrpcReply {
+        GrpcReply::Message { bytes: bytes.into(), delay_ms: 0 }
+    }
+    pub fn status(code: u32, message: &str) -> GrpcReply {
+        GrpcReply::Status { code, message: message.into(), delay_ms: 0 }
+    }
+    /// 14 UNAVAILABLE with the message Envoy gives for a refused connection.
+    pub fn unavailable() -> GrpcReply {
+        GrpcReply::status(14, "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure")
+    }
+    pub fn delayed(mut self, ms: u64) -> GrpcReply {
+        if let GrpcReply::Message { delay_ms, .. } | GrpcReply::Status { delay_ms, .. } = &mut self {
+            *delay_ms = ms;
+        }
+        self
+    }
+}
+
+/// A unary `proxy_grpc_call` the filter made.
+#[derive(Clone, Debug)]
+pub struct GrpcCallRecord {
+    pub vm: u32,
+    /// The call's token (match it against [`crate::Host::grpc_cancellations`]).
+    pub token: u32,
+    pub cluster: String,
+    /// e.g. `envoy.service.ratelimit.v3.RateLimitService`.
+    pub service: String,
+    /// e.g. `ShouldRateLimit`.
+    pub method: String,
+    pub initial_metadata: Vec<(String, Vec<u8>)>,
+    /// The request message (protobuf bytes, without gRPC framing).
+    pub message: Vec<u8>,
+    pub timeout_ms: u32,
+    pub at_ms: u64,
+}
+
 #[derive(Default)]
 pub(crate) struct Scripts {
     /// One-shot replies, used first.
@@ -119,6 +170,36 @@ pub(crate) struct Scripts {
     pub always: HashMap<String, CallReply>,
     /// Clusters that exist without a script (calls to them fail like a connect failure).
     pub known: Vec<String>,
+    /// gRPC: one-shot replies by cluster, used first.
+    pub grpc_once: HashMap<String, VecDeque<GrpcReply>>,
+    /// gRPC: sticky replies by cluster.
+    pub grpc_always: HashMap<String, GrpcReply>,
+}
+
+impl Scripts {
+    /// The reply for an HTTP call to `cluster`; None: no such cluster.
+    pub fn http(&mut self, cluster: &str) -> Option<CallReply> {
+        if let Some(r) = self.once.get_mut(cluster).and_then(|q| q.pop_front()) {
+            return Some(r);
+        }
+        if let Some(r) = self.always.get(cluster) {
+            return Some(r.clone());
+        }
+        self.known.iter().any(|k| k == cluster).then_some(CallReply::Failure)
+    }
+
+    /// The reply for a gRPC call to `cluster`; a known cluster without a script refuses the
+    /// connection (14); None: no such cluster.
+    pub fn grpc(&mut self, cluster: &str) -> Option<GrpcReply> {
+        if let Some(r) = self.grpc_once.get_mut(cluster).and_then(|q| q.pop_front()) {
+            return Some(r);
+        }
+        if let Some(r) = self.grpc_always.get(cluster) {
+            return Some(r.clone());
+        }
+        let known = self.known.iter().any(|k| k == cluster) || self.once.contains_key(cluster) || self.always.contains_key(cluster);
+        known.then(GrpcReply::unavailable)
+    }
 }
 
 pub(crate) struct SharedQueue {
@@ -163,6 +244,14 @@ pub(crate) struct HostInner {
     pub logs: Mutex<Vec<LogEntry>>,
     pub scripts: Mutex<Scripts>,
     pub calls: Mutex<Vec<HttpCallRecord>>,
+    pub grpc_calls: Mutex<Vec<GrpcCallRecord>>,
+    /// (vm, token) of every unary gRPC call the filter cancelled.
+    pub grpc_cancels: Mutex<Vec<(u32, u32)>>,
+    /// Filter-state keys that have an object factory (None: every key does).
+    pub filter_state_keys: Mutex<Option<Vec<String>>>,
+    /// The route's cluster comes from this filter-state key when present (a matcher cluster
+    /// specifier on filter state), else from the cluster header.
+    pub route_filter_state_key: Mutex<Option<String>>,
     pub properties: Mutex<HashMap<String, Vec<u8>>>,
     pub log_level: Mutex<LogLevel>,
     pub buffer_limit: Mutex<Option<usize>>,
@@ -182,6 +271,10 @@ impl HostInner {
             logs: Mutex::new(Vec::new()),
             scripts: Mutex::new(Scripts::default()),
             calls: Mutex::new(Vec::new()),
+            grpc_calls: Mutex::new(Vec::new()),
+            grpc_cancels: Mutex::new(Vec::new()),
+            filter_state_keys: Mutex::new(None),
+            route_filter_state_key: Mutex::new(None),
             properties: Mutex::new(HashMap::new()),
             log_level: Mutex::new(LogLevel::Trace),
             buffer_limit: Mutex::new(None),

@@ -171,9 +171,7 @@ fn model_labels_are_bounded_by_distinct_names_not_requests() {
         .filter(|(_, name, _)| name.starts_with("auto_ai_router_model_requests_total."))
         .map(|(_, name, v)| (name, v))
         .collect();
-    let count = |label: &str| -> u64 {
-        series.iter().filter(|(n, _)| n.contains(&format!(".model=.={label};.;"))).map(|(_, v)| v).sum()
-    };
+    let count = |label: &str| -> u64 { series.iter().filter(|(n, _)| n.contains(&format!(".model=.={label};.;"))).map(|(_, v)| v).sum() };
     assert_eq!(count("popular"), 600);
     assert_eq!(count("m0"), 1);
     assert_eq!(count("m510"), 1, "512 distinct names: popular + m0..m510");

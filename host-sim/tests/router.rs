@@ -480,7 +480,8 @@ fn bad_json_and_missing_model_are_400() {
 #[test]
 fn body_above_max_body_size_is_413_also_in_chunks() {
     let host = Host::new();
-    let c = format!("server: {{master_key: {MASTER}, max_body_size_mb: 1, replace_v1_models: false}}\ncredentials:\n{}", creds(&[("c1", -1)]));
+    let c =
+        format!("server: {{master_key: {MASTER}, max_body_size_mb: 1, replace_v1_models: false}}\ncredentials:\n{}", creds(&[("c1", -1)]));
     let mut vm = vm_for(&host, &c);
     let big = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(1 << 20));
     let ex = vm.post(CHAT, MASTER, &big);
@@ -559,7 +560,8 @@ fn metrics_count_requests_by_credential_endpoint_status() {
     assert_eq!(host.metric("auto_ai_router_requests_total.credential=.=c1;.;.endpoint=.=/v1/chat/completions;.;.status=.=200;.;"), Some(2));
     assert_eq!(host.metric("auto_ai_router_requests_total.credential=.=c1;.;.endpoint=.=/v1/chat/completions;.;.status=.=500;.;"), Some(1));
     assert_eq!(host.metric("auto_ai_router_model_requests_total.credential=.=c1;.;.model=.=gpt-4o;.;"), Some(3));
-    let hist = host.histogram("auto_ai_router_requests_duration_milliseconds.credential=.=c1;.;.endpoint=.=/v1/chat/completions;.;").unwrap();
+    let hist =
+        host.histogram("auto_ai_router_requests_duration_milliseconds.credential=.=c1;.;.endpoint=.=/v1/chat/completions;.;").unwrap();
     assert_eq!(hist.len(), 3);
     assert!(hist.contains(&250), "{hist:?}");
 }
@@ -644,7 +646,7 @@ fn four_vms_1000_requests_rpm_100_admit_exactly_100_per_minute() {
         let mut turn = 0usize;
         host.set_preempt(Some(Box::new(move || {
             turn += 1;
-            if turn % 3 != 0 {
+            if !turn.is_multiple_of(3) {
                 return;
             }
             for k in 0..vms.len() {
