@@ -403,10 +403,14 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> Result<()> {
         let key = read_str(&mut c, kp, kl)?;
         let host = c.data().host.clone();
         let found = host.shared.lock().unwrap().map.get(&key).cloned();
-        let Some((value, cas)) = found else { return Ok(NOT_FOUND) };
+        // A point where another worker may run (see Host::set_preempt): after any read, also
+        // of a key not created yet (two workers may both see it absent).
+        let Some((value, cas)) = found else {
+            host.preempt();
+            return Ok(NOT_FOUND);
+        };
         give(&mut c, &value, vp, vl)?;
         write_u32(&mut c, casp, cas)?;
-        // A point where another worker may run (see Host::set_preempt).
         host.preempt();
         Ok(OK)
     })?;

@@ -10,6 +10,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+/// Body reads with the time each arrived (since the request was sent).
+pub type TimedReads = Vec<(Duration, Vec<u8>)>;
+
 /// Default read/write timeout per request (a generous bound; tests never wait this long normally).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -167,7 +170,7 @@ impl Request {
     }
 
     /// Sends and returns the raw bytes of every read with its arrival time (for streaming).
-    pub fn send_timed(&self, addr: SocketAddr) -> std::io::Result<(Response, Vec<(Duration, Vec<u8>)>)> {
+    pub fn send_timed(&self, addr: SocketAddr) -> std::io::Result<(Response, TimedReads)> {
         let start = Instant::now();
         let mut s = connect(addr)?;
         let mut head = self.head_bytes(addr);
