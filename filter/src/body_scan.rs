@@ -140,7 +140,6 @@ pub struct Scanner {
     buf: Vec<u8>,
     utf8: [u8; 4],
     utf8_len: u8,
-    utf8_need: u8,
     /// Bytes fed before the current chunk (error positions).
     offset: u64,
     error: Option<BodyError>,
@@ -175,7 +174,6 @@ impl Scanner {
             buf: Vec::new(),
             utf8: [0; 4],
             utf8_len: 0,
-            utf8_need: 0,
             offset: 0,
             error: None,
         }
@@ -277,30 +275,17 @@ impl Scanner {
                     b':' => self.state = State::Value,
                     _ => return Err(self.syntax(i, "expected `:`")),
                 },
-                State::Escape => {
-                    let decoded = match b {
-                        b'"' | b'\\' | b'/' => b,
-                        b'b' => 0x08,
-                        b'f' => 0x0c,
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'u' => {
-                            self.state = State::Hex { left: 4, acc: 0, high: 0 };
-                            i += 1;
-                            continue;
-                        }
-                        _ => return Err(self.syntax(i, "invalid escape")),
-                    };
-                    self.emit(&[decoded]);
-                    self.state = State::Str;
-                }
+                State::Escape => match simple_escape(b) {
+                    Some(decoded) => {
+                        self.emit(&[decoded]);
+                        self.state = State::Str;
+                    }
+                    None if b == b'u' => self.state = State::Hex { left: 4, acc: 0, high: 0 },
+                    None => return Err(self.syntax(i, "invalid escape")),
+                },
                 State::Hex { left, acc, high } => {
-                    let v = match b {
-                        b'0'..=b'9' => b - b'0',
-                        b'a'..=b'f' => b - b'a' + 10,
-                        b'A'..=b'F' => b - b'A' + 10,
-                        _ => return Err(self.syntax(i, "invalid escape")),
+                    let Some(v) = hex_digit(b) else {
+                        return Err(self.syntax(i, "invalid escape"));
                     };
                     let acc = (acc << 4) | u16::from(v);
                     if left > 1 {
@@ -318,23 +303,23 @@ impl Scanner {
                     _ => return Err(self.syntax(i, "unexpected end of hex escape")),
                 },
                 State::Utf8 => {
-                    // Errors name the character's first byte, as when it comes in one chunk.
-                    let lead = (self.offset + i as u64).saturating_sub(u64::from(self.utf8_len));
-                    if !(0x80..=0xbf).contains(&b) {
-                        return Err(BodyError::NotJson(format!("invalid UTF-8 in a string at byte {lead}")));
-                    }
                     if let Some(slot) = self.utf8.get_mut(usize::from(self.utf8_len)) {
                         *slot = b;
                     }
                     self.utf8_len += 1;
-                    if self.utf8_len >= self.utf8_need {
-                        let ch = self.utf8;
-                        let ch = ch.get(..usize::from(self.utf8_need)).unwrap_or_default();
-                        if std::str::from_utf8(ch).is_err() {
+                    let ch = self.utf8;
+                    let ch = ch.get(..usize::from(self.utf8_len)).unwrap_or_default();
+                    match utf8_char(ch) {
+                        Utf8::Incomplete => {}
+                        Utf8::Valid(_) => {
+                            self.emit(ch);
+                            self.state = State::Str;
+                        }
+                        Utf8::Invalid => {
+                            // Named at the character's first byte, as when it comes in one chunk.
+                            let lead = (self.offset + i as u64 + 1).saturating_sub(u64::from(self.utf8_len));
                             return Err(BodyError::NotJson(format!("invalid UTF-8 in a string at byte {lead}")));
                         }
-                        self.emit(ch);
-                        self.state = State::Str;
                     }
                 }
                 State::Num(n) => {
@@ -347,7 +332,8 @@ impl Scanner {
                         (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
                         (Num::Exp, b'+' | b'-') => Num::ExpSign,
                         (Num::Exp | Num::ExpSign, b'0'..=b'9') => Num::ExpDigits,
-                        (Num::Zero | Num::Int | Num::Frac | Num::ExpDigits, b'0'..=b'9') => {
+                        (Num::Zero, b'0'..=b'9') => {
+                            // serde: only one leading zero.
                             return Err(self.syntax(i, "invalid number"));
                         }
                         (Num::Zero | Num::Int | Num::Frac | Num::ExpDigits, _) => {
@@ -371,47 +357,63 @@ impl Scanner {
         Ok(())
     }
 
-    /// Consumes string bytes from `start` up to and including the next `"` or `\`; returns the index
-    /// after what it consumed.
+    /// Consumes string bytes from `start`: runs of plain bytes, whole characters and escapes, until
+    /// the string ends, the chunk ends, or an escape or character is cut by the chunk's end (then the
+    /// state machine takes over). Returns the index after what it consumed.
     fn string_run(&mut self, chunk: &[u8], start: usize) -> Result<usize, BodyError> {
-        let rest = chunk.get(start..).unwrap_or_default();
-        let n = plain_len(rest);
-        let run = rest.get(..n).unwrap_or_default();
-        let valid = match std::str::from_utf8(run) {
-            Ok(_) => n,
-            // A character cut by the end of the chunk: carried into the next one.
-            Err(e) if e.error_len().is_none() && n == rest.len() => e.valid_up_to(),
-            Err(e) => return Err(self.syntax(start.saturating_add(e.valid_up_to()), "invalid UTF-8 in a string")),
-        };
-        let (text, cut) = run.split_at_checked(valid).unwrap_or((run, &[]));
-        self.emit(text);
-        if let Some(&lead) = cut.first() {
-            let mut utf8 = [0; 4];
-            for (slot, &c) in utf8.iter_mut().zip(cut) {
-                *slot = c;
+        let mut at = start;
+        loop {
+            let rest = chunk.get(at..).unwrap_or_default();
+            let n = plain_len(rest);
+            let (plain, rest) = rest.split_at_checked(n).unwrap_or((rest, &[]));
+            self.emit(plain);
+            at += n;
+            let Some(&b) = rest.first() else { return Ok(at) };
+            match b {
+                b'"' => {
+                    self.end_string()?;
+                    return Ok(at + 1);
+                }
+                b'\\' => match rest.get(1).copied().and_then(simple_escape) {
+                    Some(decoded) => {
+                        self.emit(&[decoded]);
+                        at += 2;
+                    }
+                    None => match (rest.get(1), rest.get(2..6).and_then(hex4)) {
+                        (Some(b'u'), Some(cp)) => {
+                            self.unicode(cp, 0, at + 5)?;
+                            at += 6;
+                            if !matches!(self.state, State::Str) {
+                                return Ok(at);
+                            }
+                        }
+                        // Cut by the chunk's end, or an error: the state machine says which, at the same byte.
+                        _ => {
+                            self.state = State::Escape;
+                            return Ok(at + 1);
+                        }
+                    },
+                },
+                0x80.. => match utf8_char(rest) {
+                    Utf8::Valid(w) => {
+                        self.emit(rest.get(..w).unwrap_or_default());
+                        at += w;
+                    }
+                    Utf8::Incomplete => {
+                        // Cut by the end of the chunk: carried into the next one (fewer than 4 bytes).
+                        let mut utf8 = [0; 4];
+                        for (slot, &c) in utf8.iter_mut().zip(rest) {
+                            *slot = c;
+                        }
+                        self.utf8 = utf8;
+                        self.utf8_len = rest.len().min(3) as u8;
+                        self.state = State::Utf8;
+                        return Ok(chunk.len());
+                    }
+                    Utf8::Invalid => return Err(self.syntax(at, "invalid UTF-8 in a string")),
+                },
+                _ => return Err(self.syntax(at, "control character (\\u0000-\\u001F) found while parsing a string")),
             }
-            self.utf8 = utf8;
-            self.utf8_len = cut.len().min(4) as u8;
-            self.utf8_need = match lead {
-                0xf0..=0xff => 4,
-                0xe0..=0xef => 3,
-                _ => 2,
-            };
-            self.state = State::Utf8;
-            return Ok(chunk.len());
-        }
-        let at = start.saturating_add(n);
-        match chunk.get(at) {
-            None => Ok(at),
-            Some(b'"') => {
-                self.end_string()?;
-                Ok(at + 1)
-            }
-            Some(b'\\') => {
-                self.state = State::Escape;
-                Ok(at + 1)
-            }
-            Some(_) => Err(self.syntax(at, "control character (\\u0000-\\u001F) found while parsing a string")),
         }
     }
 
@@ -573,7 +575,63 @@ impl Scanner {
     }
 }
 
-/// Length of the prefix of `s` with no `"`, `\` or control character (serde's word-at-a-time trick).
+fn simple_escape(c: u8) -> Option<u8> {
+    match c {
+        b'"' | b'\\' | b'/' => Some(c),
+        b'b' => Some(0x08),
+        b'f' => Some(0x0c),
+        b'n' => Some(b'\n'),
+        b'r' => Some(b'\r'),
+        b't' => Some(b'\t'),
+        _ => None,
+    }
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn hex4(s: &[u8]) -> Option<u16> {
+    s.iter().try_fold(0u16, |acc, &c| Some((acc << 4) | u16::from(hex_digit(c)?)))
+}
+
+enum Utf8 {
+    Valid(usize),
+    /// A valid prefix of a character.
+    Incomplete,
+    Invalid,
+}
+
+/// The UTF-8 character `s` starts with (RFC 3629: no overlongs, no surrogates, at most U+10FFFF).
+fn utf8_char(s: &[u8]) -> Utf8 {
+    let Some(&lead) = s.first() else { return Utf8::Incomplete };
+    let (width, lo, hi) = match lead {
+        0xc2..=0xdf => (2, 0x80, 0xbf),
+        0xe0 => (3, 0xa0, 0xbf),
+        0xe1..=0xec | 0xee..=0xef => (3, 0x80, 0xbf),
+        0xed => (3, 0x80, 0x9f),
+        0xf0 => (4, 0x90, 0xbf),
+        0xf1..=0xf3 => (4, 0x80, 0xbf),
+        0xf4 => (4, 0x80, 0x8f),
+        _ => return Utf8::Invalid,
+    };
+    for k in 1..width {
+        let Some(&c) = s.get(k) else { return Utf8::Incomplete };
+        let (lo, hi) = if k == 1 { (lo, hi) } else { (0x80, 0xbf) };
+        if !(lo..=hi).contains(&c) {
+            return Utf8::Invalid;
+        }
+    }
+    Utf8::Valid(width)
+}
+
+/// Length of the prefix of `s` with no `"`, `\`, control character or non-ASCII byte (serde's
+/// word-at-a-time trick; the lowest flagged byte is exact, borrows only flag bytes above it).
 #[inline]
 fn plain_len(s: &[u8]) -> usize {
     const ONES: u64 = u64::MAX / 255;
@@ -588,14 +646,14 @@ fn plain_len(s: &[u8]) -> usize {
         let quote = q.wrapping_sub(ONES) & !q;
         let bs = x ^ (ONES * u64::from(b'\\'));
         let backslash = bs.wrapping_sub(ONES) & !bs;
-        let hit = (ctrl | quote | backslash) & HIGH;
+        let hit = (ctrl | quote | backslash | x) & HIGH;
         if hit != 0 {
             return done + (hit.trailing_zeros() / 8) as usize;
         }
         done += 8;
     }
     let tail = words.remainder();
-    done + tail.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).unwrap_or(tail.len())
+    done + tail.iter().position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b)).unwrap_or(tail.len())
 }
 
 #[cfg(test)]
@@ -758,15 +816,19 @@ mod tests {
     fn plain_len_finds_the_first_special_byte() {
         let base = b"abcdefghijklmnopqrstuvwxyz0123456789".to_vec();
         for at in 0..base.len() {
-            for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+            for special in [b'"', b'\\', 0x00, 0x1f, b'\n', 0x80, 0xc3, 0xff] {
                 let mut s = base.clone();
                 s[at] = special;
+                // Specials after the first one (borrows in the word trick) don't move it.
+                if let Some(next) = s.get_mut(at + 1) {
+                    *next = 0x00;
+                }
                 assert_eq!(plain_len(&s), at);
             }
-            // Bytes at and above 0x20 that are not special, including non-ASCII and DEL.
+            // Plain: everything from 0x20 to 0x7f but the quote and the backslash.
             let mut s = base.clone();
             s[at] = 0x7f;
-            s[(at + 1) % base.len()] = 0xff;
+            s[(at + 1) % base.len()] = b' ';
             assert_eq!(plain_len(&s), base.len());
         }
     }
