@@ -311,7 +311,7 @@ impl Scanner {
                     let ch = ch.get(..usize::from(self.utf8_len)).unwrap_or_default();
                     match utf8_char(ch) {
                         Utf8::Incomplete => {}
-                        Utf8::Valid(_) => {
+                        Utf8::Valid => {
                             self.emit(ch);
                             self.state = State::Str;
                         }
@@ -364,7 +364,7 @@ impl Scanner {
         let mut at = start;
         loop {
             let rest = chunk.get(at..).unwrap_or_default();
-            let n = plain_len(rest);
+            let n = special_len::<true>(rest);
             let (plain, rest) = rest.split_at_checked(n).unwrap_or((rest, &[]));
             self.emit(plain);
             at += n;
@@ -394,24 +394,31 @@ impl Scanner {
                         }
                     },
                 },
-                0x80.. => match utf8_char(rest) {
-                    Utf8::Valid(w) => {
-                        self.emit(rest.get(..w).unwrap_or_default());
-                        at += w;
-                    }
-                    Utf8::Incomplete => {
-                        // Cut by the end of the chunk: carried into the next one (fewer than 4 bytes).
-                        let mut utf8 = [0; 4];
-                        for (slot, &c) in utf8.iter_mut().zip(rest) {
-                            *slot = c;
+                // Text with non-ASCII: up to the next quote, backslash or control, validated by std.
+                0x80.. => {
+                    let n = special_len::<false>(rest);
+                    let (text, tail) = rest.split_at_checked(n).unwrap_or((rest, &[]));
+                    match std::str::from_utf8(text) {
+                        Ok(_) => {
+                            self.emit(text);
+                            at += n;
                         }
-                        self.utf8 = utf8;
-                        self.utf8_len = rest.len().min(3) as u8;
-                        self.state = State::Utf8;
-                        return Ok(chunk.len());
+                        // A character cut by the end of the chunk: carried into the next one (< 4 bytes).
+                        Err(e) if e.error_len().is_none() && tail.is_empty() => {
+                            let (valid, cut) = text.split_at_checked(e.valid_up_to()).unwrap_or((text, &[]));
+                            self.emit(valid);
+                            let mut utf8 = [0; 4];
+                            for (slot, &c) in utf8.iter_mut().zip(cut) {
+                                *slot = c;
+                            }
+                            self.utf8 = utf8;
+                            self.utf8_len = cut.len().min(3) as u8;
+                            self.state = State::Utf8;
+                            return Ok(chunk.len());
+                        }
+                        Err(e) => return Err(self.syntax(at + e.valid_up_to(), "invalid UTF-8 in a string")),
                     }
-                    Utf8::Invalid => return Err(self.syntax(at, "invalid UTF-8 in a string")),
-                },
+                }
                 _ => return Err(self.syntax(at, "control character (\\u0000-\\u001F) found while parsing a string")),
             }
         }
@@ -601,7 +608,7 @@ fn hex4(s: &[u8]) -> Option<u16> {
 }
 
 enum Utf8 {
-    Valid(usize),
+    Valid,
     /// A valid prefix of a character.
     Incomplete,
     Invalid,
@@ -627,13 +634,14 @@ fn utf8_char(s: &[u8]) -> Utf8 {
             return Utf8::Invalid;
         }
     }
-    Utf8::Valid(width)
+    Utf8::Valid
 }
 
-/// Length of the prefix of `s` with no `"`, `\`, control character or non-ASCII byte (serde's
-/// word-at-a-time trick; the lowest flagged byte is exact, borrows only flag bytes above it).
+/// Length of the prefix of `s` with no `"`, `\`, control character, nor (if `NON_ASCII`) byte
+/// above 0x7f. serde's word-at-a-time trick: the lowest flagged byte is exact (borrows only flag
+/// bytes above a true hit).
 #[inline]
-fn plain_len(s: &[u8]) -> usize {
+fn special_len<const NON_ASCII: bool>(s: &[u8]) -> usize {
     const ONES: u64 = u64::MAX / 255;
     const HIGH: u64 = ONES << 7;
     let mut words = s.chunks_exact(8);
@@ -646,14 +654,15 @@ fn plain_len(s: &[u8]) -> usize {
         let quote = q.wrapping_sub(ONES) & !q;
         let bs = x ^ (ONES * u64::from(b'\\'));
         let backslash = bs.wrapping_sub(ONES) & !bs;
-        let hit = (ctrl | quote | backslash | x) & HIGH;
+        let high = if NON_ASCII { x } else { 0 };
+        let hit = (ctrl | quote | backslash | high) & HIGH;
         if hit != 0 {
             return done + (hit.trailing_zeros() / 8) as usize;
         }
         done += 8;
     }
     let tail = words.remainder();
-    done + tail.iter().position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b)).unwrap_or(tail.len())
+    done + tail.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20 || (NON_ASCII && b >= 0x80)).unwrap_or(tail.len())
 }
 
 #[cfg(test)]
@@ -813,7 +822,7 @@ mod tests {
     }
 
     #[test]
-    fn plain_len_finds_the_first_special_byte() {
+    fn special_len_finds_the_first_special_byte() {
         let base = b"abcdefghijklmnopqrstuvwxyz0123456789".to_vec();
         for at in 0..base.len() {
             for special in [b'"', b'\\', 0x00, 0x1f, b'\n', 0x80, 0xc3, 0xff] {
@@ -823,13 +832,18 @@ mod tests {
                 if let Some(next) = s.get_mut(at + 1) {
                     *next = 0x00;
                 }
-                assert_eq!(plain_len(&s), at);
+                assert_eq!(special_len::<true>(&s), at);
+                if special < 0x80 {
+                    assert_eq!(special_len::<false>(&s), at);
+                }
             }
             // Plain: everything from 0x20 to 0x7f but the quote and the backslash.
             let mut s = base.clone();
             s[at] = 0x7f;
             s[(at + 1) % base.len()] = b' ';
-            assert_eq!(plain_len(&s), base.len());
+            assert_eq!(special_len::<true>(&s), base.len());
+            s[at] = 0xe4;
+            assert_eq!(special_len::<false>(&s), base.len());
         }
     }
 }
