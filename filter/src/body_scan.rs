@@ -20,9 +20,9 @@
 //!   not validate strings it ignores and accepts the body; the scanner refuses it (`NotJson`).
 //! - Nesting deeper than [`MAX_DEPTH`]: serde skips any depth (its skip stack grows a byte per
 //!   level); the scanner refuses (`NotJson`) to keep its memory bounded.
-//! - A model value that is an array or object nested 127+ levels deep, or that holds a number out
-//!   of f64 range (`1e400`): serde builds a `Value` for the model and fails (`NotJson`: recursion
-//!   limit, number out of range) and stops there (so a later duplicate `model` is not seen either);
+//! - A model value that is an array or object nested past serde's recursion limit (128 levels,
+//!   the body's own object included), or that holds a number out of f64 range (`1e400`): serde
+//!   builds a `Value` for the model and fails (`NotJson`: recursion limit, number out of range) and stops there (so a later duplicate `model` is not seen either);
 //!   the scanner builds nothing and answers `ModelNotString` (or `DuplicateModel`), which is the
 //!   true reason the body is refused.
 //!
@@ -526,7 +526,8 @@ impl Scanner {
             b'"' => {
                 self.key = false;
                 self.kind = if is_model {
-                    self.buf.clear();
+                    // One allocation, never grown: `emit` keeps at most MAX_MODEL_LEN bytes.
+                    self.buf = Vec::with_capacity(MAX_MODEL_LEN);
                     Kind::Model
                 } else if self.model_sub {
                     Kind::Strict
@@ -781,7 +782,7 @@ mod tests {
         assert_eq!(s.feed(b"{\"model\":\""), Ok(()));
         for _ in 0..1000 {
             assert_eq!(s.feed(&[b'x'; 100]), Ok(()));
-            assert!(s.buf.len() <= MAX_MODEL_LEN && s.buf.capacity() <= 2 * MAX_MODEL_LEN + 4);
+            assert!(s.buf.len() <= MAX_MODEL_LEN && s.buf.capacity() <= MAX_MODEL_LEN);
         }
         assert_eq!(s.feed(b"\"}"), Ok(()));
         assert_eq!(s.finish(), Err(BodyError::ModelTooLong));

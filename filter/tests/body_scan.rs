@@ -367,6 +367,8 @@ fn fixed_bodies() -> Vec<Vec<u8>> {
         br#"{"model":"a","n":1.}"#,
         br#"{"model":"a","x":[1,2,],"y":3}"#,
         br#"{"model":"a"}}"#,
+        br#"{"model":"a","x":[1}}"#,
+        br#"{"model":"a","x":{"y":1]}"#,
         br#"{"model" "a"}"#,
         br#"{"model":"a\x"}"#,
         br#"{"model":"a","x":"\a"}"#,
