@@ -10,6 +10,7 @@ pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
 pub mod auth;
 pub mod balancer;
 pub mod body;
+pub mod body_scan;
 pub mod config;
 pub mod endpoints;
 pub mod errors;
