@@ -9,6 +9,7 @@
 use crate::auth;
 use crate::balancer::{self, Selection};
 use crate::body;
+use crate::body_scan;
 use crate::config::LogLevel;
 use crate::endpoints::{self, Route};
 use crate::errors;
@@ -20,6 +21,8 @@ use crate::upstream_status;
 use crate::CLUSTER_HEADER;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
+/// Most body bytes copied into the VM at once.
+const SCAN_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -42,8 +45,12 @@ pub struct Request {
     path: String,
     endpoint: &'static str,
     model: Option<String>,
-    /// Body bytes seen so far (Envoy reports the buffered total).
+    /// Body bytes buffered so far (Envoy reports the total) and scanned so far.
     body_size: usize,
+    scanned: usize,
+    /// The body is scanned for `model` chunk by chunk as it arrives: each chunk is copied, scanned
+    /// and dropped, so a worker's memory does not grow to the largest body it has seen.
+    scanner: Option<Box<body_scan::Scanner>>,
     start_ms: u64,
     /// The response status was accounted (once per request).
     accounted: bool,
@@ -272,11 +279,23 @@ impl Request {
             let msg = format!("The request body is larger than the limit of {} MB.", rt.cfg.server.max_body_size_bytes >> 20);
             return Ok(self.reply(Some(rt), host, 413, &msg, Some("request_too_large"), "too_large", &[]));
         }
-        if !end_of_stream {
-            return Ok(Action::Pause);
+        let scanner = self.scanner.get_or_insert_with(Default::default);
+        let mut result = Ok(());
+        while self.scanned < self.body_size && result.is_ok() {
+            let len = (self.body_size - self.scanned).min(SCAN_CHUNK);
+            let chunk = host.request_body(self.scanned, len)?;
+            if chunk.is_empty() {
+                break;
+            }
+            self.scanned += chunk.len();
+            result = scanner.feed(&chunk);
         }
-        let bytes = host.request_body(0, self.body_size)?;
-        match body::extract_model(&bytes) {
+        let model = match result {
+            Err(e) => Err(e),
+            Ok(()) if !end_of_stream => return Ok(Action::Pause),
+            Ok(()) => self.scanner.take().map_or(Err(body::BodyError::MissingModel), |s| s.finish()),
+        };
+        match model {
             Ok(model) => self.route_to(rt, host, Some(model)),
             Err(e) => Ok(self.reply(Some(rt), host, 400, &e.message(), Some(e.code()), "bad_request", &[])),
         }

@@ -35,6 +35,9 @@ pub struct MemHost {
     pub failing: RefCell<Vec<&'static str>>,
     /// Number of host calls made, by name.
     pub calls: RefCell<BTreeMap<&'static str, u32>>,
+    /// Body bytes copied out, and the largest single copy.
+    pub body_bytes_read: Cell<usize>,
+    pub largest_body_read: Cell<usize>,
 }
 
 impl MemHost {
@@ -110,7 +113,10 @@ impl Host for MemHost {
         self.call("request_body")?;
         let b = self.request_body.borrow();
         let end = start.saturating_add(len).min(b.len());
-        Ok(b.get(start.min(end)..end).unwrap_or_default().to_vec())
+        let out = b.get(start.min(end)..end).unwrap_or_default().to_vec();
+        self.body_bytes_read.set(self.body_bytes_read.get() + out.len());
+        self.largest_body_read.set(self.largest_body_read.get().max(out.len()));
+        Ok(out)
     }
 
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {

@@ -176,3 +176,34 @@ fn contention_is_503_with_its_own_reason_not_a_rate_limit() {
     assert_eq!(h.metric("auto_ai_router_rejections_total.reason=.=contention;.;"), 1);
     assert_eq!(h.metric("auto_ai_router_rejections_total.reason=.=rate_limited;.;"), 0);
 }
+
+#[test]
+fn a_large_body_is_scanned_chunk_by_chunk_never_copied_whole() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let filler = "x".repeat(3 << 20);
+    let body = format!(r#"{{"messages":[{{"role":"user","content":"{filler}"}}],"model":"m-late"}}"#);
+    let h = host(&store, &chat_headers("r"), body.as_bytes());
+    let mut r = Request::default();
+    assert_eq!(r.on_request_headers(Some(&rt), &h, false), Action::Pause);
+    // Envoy reports the buffered total as data arrives.
+    for part in [1 << 20, 2 << 20] {
+        assert_eq!(r.on_request_body(Some(&rt), &h, part, false), Action::Pause);
+    }
+    assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), true), Action::Continue);
+    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c1"));
+    assert_eq!(h.body_bytes_read.get(), body.len(), "every byte read once");
+    assert!(h.largest_body_read.get() <= 64 * 1024, "copies stay small: {}", h.largest_body_read.get());
+}
+
+#[test]
+fn a_body_that_is_not_json_is_refused_before_it_ends() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let h = host(&store, &chat_headers("r"), b"{\"model\": nope, and a lot more to come");
+    let mut r = Request::default();
+    r.on_request_headers(Some(&rt), &h, false);
+    assert_eq!(r.on_request_body(Some(&rt), &h, 20, false), Action::Pause);
+    let (status, v) = reply_json(&h);
+    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_json")));
+}

@@ -67,11 +67,11 @@ fn two_providers_merge_into_three_models_and_routing_follows_the_lists() {
     assert_eq!(routes(&mut vm, "claude-3", 3), ["c2", "c2", "c2"]);
     let both = routes(&mut vm, "gpt-4", 4);
     assert_eq!(both.iter().filter(|c| *c == "c1").count(), 2, "{both:?}");
-    assert_eq!(routes(&mut vm, "llama", 1), ["503"]);
+    assert_eq!(routes(&mut vm, "llama", 1), ["404"], "model_not_found");
     let (status, m) = get(&mut vm, "/v1/models/claude-3");
     assert_eq!((status, m["id"].as_str(), m["owned_by"].as_str()), (200, Some("claude-3"), Some("two")));
     let (status, e) = get(&mut vm, "/v1/models/llama");
-    assert_eq!((status, e["error"]["type"].as_str()), (404, Some("not_found_error")));
+    assert_eq!((status, e["error"]["type"].as_str(), e["error"]["code"].as_str()), (404, Some("invalid_request_error"), Some("model_not_found")));
 }
 
 #[test]
@@ -111,10 +111,10 @@ fn refresh_picks_up_a_new_model_after_the_period() {
     host.script_http_call("c2", list(&["x"], "two"));
     let mut vm = host.vm(cfg(", models_refresh: 2m"), &[]).unwrap();
     vm.tick();
-    assert_eq!(routes(&mut vm, "b", 1), ["503"], "nobody serves b yet");
+    assert_eq!(routes(&mut vm, "b", 1), ["404"], "nobody serves b yet");
     host.advance_ms(60_000);
     vm.tick();
-    assert_eq!(routes(&mut vm, "b", 1), ["503"], "not refreshed before the period");
+    assert_eq!(routes(&mut vm, "b", 1), ["404"], "not refreshed before the period");
     host.advance_ms(60_000);
     vm.tick();
     assert_eq!(routes(&mut vm, "b", 2), ["c1", "c1"]);
