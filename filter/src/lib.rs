@@ -7,6 +7,27 @@
 /// credential's cluster; client-sent copies are removed.
 pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
 
+/// Retries on another credential (`server.max_provider_retries` > 0): the contract between the
+/// filter and the rendered bootstrap.
+pub mod retry_contract {
+    /// Root id of the same `.wasm` running as an upstream HTTP filter in every credential cluster.
+    pub const UPSTREAM_ROOT_ID: &str = "auto_ai_router_upstream";
+    /// `set_property` path of the credential the next attempt goes to; Envoy keeps it as filter
+    /// state under [`NEXT_FILTER_STATE`], which the route's matcher cluster specifier reads
+    /// (with `refresh_cluster_on_retry`, on every attempt).
+    pub const NEXT_PROPERTY: &str = "auto_ai_router_next";
+    pub const NEXT_FILTER_STATE: &str = "wasm.auto_ai_router_next";
+    /// The value written when no credential is left: matches no cluster (Envoy answers 503).
+    pub const NO_CREDENTIAL: &str = "-";
+    /// `set_property` path of the request's plan (client path, model, credentials tried).
+    pub const PLAN_PROPERTY: &str = "auto_ai_router_plan";
+    /// Response header the upstream filter sets on a failed attempt it wants retried; the route
+    /// retries on it (`retriable_headers`) and removes it before the client.
+    pub const RETRY_HEADER: &str = "x-auto-ai-router-retry";
+    /// Response header telling the client how many attempts the answer took.
+    pub const ATTEMPTS_HEADER: &str = "x-auto-ai-router-attempts";
+}
+
 pub mod auth;
 pub mod balancer;
 pub mod body;
