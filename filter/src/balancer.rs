@@ -93,6 +93,8 @@ pub fn ban_state(store: &dyn SharedStore, key: &str, now_ms: u64) -> Option<BanR
 enum BanCheck {
     Free,
     Banned,
+    /// A provider cooldown: skipped like a full RPM window, free again in this many seconds.
+    Cooling(u64),
     /// Unreadable (host error) or corrupt (reset now): refused for this request only.
     Unreadable,
 }
@@ -103,6 +105,7 @@ fn check_ban(store: &dyn SharedStore, key: &str, now_ms: u64) -> BanCheck {
         Ok((None, _)) => BanCheck::Free,
         Ok((Some(bytes), cas)) => match BanRecord::decode(&bytes) {
             Some(r) if r.current(now_ms).is_banned(now_ms) => BanCheck::Banned,
+            Some(r) if r.in_cooldown(now_ms) => BanCheck::Cooling(r.cooldown_until_ms.saturating_sub(now_ms).div_ceil(1000).max(1)),
             Some(_) => BanCheck::Free,
             None => {
                 let _ = store.set(key, &BanRecord::default().encode(), write_token(true, cas));
@@ -113,13 +116,15 @@ fn check_ban(store: &dyn SharedStore, key: &str, now_ms: u64) -> BanCheck {
 }
 
 /// Picks a credential for a request and charges its RPM windows.
-/// `serves(i, model)` says whether credential `i` serves the model (true if its list is unknown).
+/// `serves(i, model)` says whether credential `i` serves the model (true if its list is unknown);
+/// credentials in `exclude` (already tried for this request) are never picked.
 pub fn select(
     store: &dyn SharedStore,
     cfg: &Config,
     keys: &[StateKeys],
     model: Option<&str>,
     serves: &dyn Fn(usize, &str) -> bool,
+    exclude: &[usize],
     now_ms: u64,
 ) -> Selection {
     let n = cfg.credentials.len().min(keys.len());
@@ -140,6 +145,9 @@ pub fn select(
     for k in 0..n {
         let i = (start + k) % n;
         let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) else { continue };
+        if exclude.contains(&i) {
+            continue;
+        }
         if let Some(m) = model {
             if !serves(i, m) {
                 continue;
@@ -154,6 +162,10 @@ pub fn select(
             }
             BanCheck::Unreadable => {
                 busy += 1;
+                continue;
+            }
+            BanCheck::Cooling(r) => {
+                retry_after = Some(retry_after.map_or(r, |x| x.min(r)));
                 continue;
             }
         }
@@ -177,20 +189,102 @@ pub fn select(
         }
     }
     match retry_after {
-        _ if serving == 0 => Selection::NoModel,
+        _ if serving == 0 && exclude.is_empty() => Selection::NoModel,
+        _ if serving == 0 => Selection::Unavailable { banned, serving },
         Some(r) if banned == 0 && busy == 0 => Selection::RateLimited { retry_after: r },
         _ if busy > 0 => Selection::Busy,
         _ => Selection::Unavailable { banned, serving },
     }
 }
 
-/// Feeds one upstream response status into the credential's fail2ban record.
-pub fn record_status(store: &dyn SharedStore, cfg: &Config, key: &StateKeys, status: u16, now_ms: u64) -> Result<BanEvent, UpdateError> {
+/// Feeds one upstream response status into the credential's record: fail2ban, and the provider's
+/// cooldown if it asked for one. A 429 that puts the key in cooldown does not also count toward a
+/// ban (the provider told us when to come back; the key is not broken).
+pub fn record_status(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    key: &StateKeys,
+    status: u16,
+    cooldown_until_ms: Option<u64>,
+    now_ms: u64,
+) -> Result<BanEvent, UpdateError> {
     cas_update(store, &key.ban, BanRecord::decode, BanRecord::encode, |r| {
         let before = *r;
-        let event = r.on_status(status, now_ms, &cfg.fail2ban);
+        *r = r.current(now_ms);
+        if let Some(until) = cooldown_until_ms {
+            r.cool_down(until);
+        }
+        let event = if status == 429 && cooldown_until_ms.is_some() { BanEvent::Unchanged } else { r.on_status(status, now_ms, &cfg.fail2ban) };
         (*r != before, event)
     })
+}
+
+/// One credential as operators see it (`GET /v1/credentials`): never its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialState {
+    pub name: String,
+    pub banned_until_ms: u64,
+    pub cooldown_until_ms: u64,
+    pub consecutive_errors: u32,
+    pub rpm_used: u32,
+    pub rpm_limit: Rpm,
+}
+
+impl CredentialState {
+    pub fn status(&self, now_ms: u64) -> &'static str {
+        if self.banned_until_ms > now_ms {
+            "banned"
+        } else if self.cooldown_until_ms > now_ms {
+            "cooldown"
+        } else {
+            "available"
+        }
+    }
+}
+
+pub fn credential_states(store: &dyn SharedStore, cfg: &Config, keys: &[StateKeys], now_ms: u64) -> Vec<CredentialState> {
+    cfg.credentials
+        .iter()
+        .zip(keys)
+        .map(|(c, k)| {
+            let r = ban_state(store, &k.ban, now_ms).unwrap_or_default();
+            CredentialState {
+                name: c.name.clone(),
+                banned_until_ms: r.banned_until_ms,
+                cooldown_until_ms: r.cooldown_until_ms,
+                consecutive_errors: r.errors,
+                rpm_used: rpm_current(store, k, now_ms),
+                rpm_limit: c.rpm,
+            }
+        })
+        .collect()
+}
+
+/// `{"object":"list","data":[{"name","status","banned_until","cooldown_until","consecutive_errors","rpm":{"used","limit"}}]}`;
+/// times are Unix seconds (null when not set; a permanent ban is "permanent").
+pub fn credential_states_json(states: &[CredentialState], now_ms: u64) -> String {
+    let time = |ms: u64| match ms {
+        0 => "null".to_string(),
+        u64::MAX => "\"permanent\"".to_string(),
+        ms if ms <= now_ms => "null".to_string(),
+        ms => ms.div_ceil(1000).to_string(),
+    };
+    let items: Vec<String> = states
+        .iter()
+        .map(|s| {
+            format!(
+                "{{\"name\":{},\"status\":\"{}\",\"banned_until\":{},\"cooldown_until\":{},\"consecutive_errors\":{},\"rpm\":{{\"used\":{},\"limit\":{}}}}}",
+                crate::errors::json_string(&s.name),
+                s.status(now_ms),
+                time(s.banned_until_ms),
+                time(s.cooldown_until_ms),
+                s.consecutive_errors,
+                s.rpm_used,
+                s.rpm_limit.as_i64()
+            )
+        })
+        .collect();
+    format!("{{\"object\":\"list\",\"data\":[{}]}}", items.join(","))
 }
 
 /// Admissions in the current window, for the `credential_rpm_current` gauge (0 if unreadable).
@@ -248,15 +342,15 @@ mod tests {
     }
 
     fn pick(store: &MemStore, cfg: &Config, model: Option<&str>, now_ms: u64) -> Selection {
-        select(store, cfg, &StateKeys::for_config(cfg), model, &all, now_ms)
+        select(store, cfg, &StateKeys::for_config(cfg), model, &all, &[], now_ms)
     }
 
     fn sel(store: &MemStore, cfg: &Config, model: Option<&str>, serves: &dyn Fn(usize, &str) -> bool, now_ms: u64) -> Selection {
-        select(store, cfg, &StateKeys::for_config(cfg), model, serves, now_ms)
+        select(store, cfg, &StateKeys::for_config(cfg), model, serves, &[], now_ms)
     }
 
     fn status(store: &MemStore, cfg: &Config, i: usize, status: u16, now_ms: u64) -> BanEvent {
-        record_status(store, cfg, &StateKeys::for_config(cfg)[i], status, now_ms).unwrap()
+        record_status(store, cfg, &StateKeys::for_config(cfg)[i], status, None, now_ms).unwrap()
     }
 
     fn banned_errors(store: &MemStore, cfg: &Config, i: usize) -> u32 {
@@ -433,7 +527,7 @@ mod tests {
         let k = StateKeys::for_config(&c);
         let s = MemStore::default();
         s.fail_next_sets.set(CAS_RETRIES as u32);
-        assert_eq!(record_status(&s, &c, &k[0], 500, 0), Err(UpdateError::Contention));
+        assert_eq!(record_status(&s, &c, &k[0], 500, None, 0), Err(UpdateError::Contention));
     }
 
     #[test]
@@ -459,5 +553,33 @@ mod tests {
         let k1 = StateKeys::for_config(&before);
         assert_eq!(k1[0].rate, StateKeys::for_config(&policy)[0].rate, "windows don't depend on the fail2ban policy");
         assert!(!k1[0].rate.contains("key-c1"), "no secret in a key name");
+    }
+
+    #[test]
+    fn a_cooling_key_is_skipped_like_a_full_window_and_its_429_is_not_a_strike() {
+        let c = cfg(&[("c1", -1), ("c2", 1)], "fail2ban: {max_attempts: 1, ban_duration: permanent, error_codes: [429]}");
+        let k = StateKeys::for_config(&c);
+        let s = MemStore::default();
+        assert_eq!(record_status(&s, &c, &k[0], 429, Some(30_000), 0), Ok(BanEvent::Unchanged), "cooldown, not a ban");
+        assert!(matches!(pick(&s, &c, None, 1000), Selection::Chosen { index: 1, .. }), "c1 cools down; c2 serves");
+        assert_eq!(pick(&s, &c, None, 2000), Selection::RateLimited { retry_after: 28 }, "c1 cooling (28 s), c2 full (59 s)");
+        assert!(matches!(pick(&s, &c, None, 30_000), Selection::Chosen { index: 0, .. }), "c1 is back");
+        let st = credential_states(&s, &c, &k, 2000);
+        assert_eq!((st[0].status(2000), st[0].cooldown_until_ms, st[1].rpm_used), ("cooldown", 30_000, 1));
+        let v: serde_json::Value = serde_json::from_str(&credential_states_json(&st, 2000)).unwrap();
+        assert_eq!(v["data"][0]["cooldown_until"], 30);
+        assert_eq!(v["data"][1]["rpm"]["limit"], 1);
+        assert!(!credential_states_json(&st, 2000).contains("key-c1"), "never the key");
+        // Without a cooldown the same 429 is a strike.
+        assert!(matches!(record_status(&s, &c, &k[0], 429, None, 40_000), Ok(BanEvent::Banned { .. })));
+    }
+
+    #[test]
+    fn tried_credentials_are_never_picked_again() {
+        let c = cfg(&[("c1", -1), ("c2", -1), ("c3", -1)], "");
+        let s = MemStore::default();
+        let k = StateKeys::for_config(&c);
+        assert!(matches!(select(&s, &c, &k, None, &all, &[0, 1], 0), Selection::Chosen { index: 2, .. }));
+        assert_eq!(select(&s, &c, &k, Some("m"), &all, &[0, 1, 2], 0), Selection::Unavailable { banned: 0, serving: 0 }, "no key left is not a model error");
     }
 }

@@ -9,6 +9,8 @@ pub enum Route {
     BadPath,
     ListModels,
     GetModel(String),
+    /// `GET /v1/credentials`: each credential's state, for operators.
+    Credentials,
     /// JSON body with a required top-level `model`.
     Inference,
     /// Any other `/v1/*`: routed without a model.
@@ -26,7 +28,7 @@ pub const INFERENCE: [&str; 6] = [
 ];
 
 /// Further endpoints with their own metric label; everything else is "other" (labels stay bounded).
-const LABELLED: [&str; 4] = ["/v1/audio/transcriptions", "/v1/moderations", "/v1/models", "/health"];
+const LABELLED: [&str; 5] = ["/v1/audio/transcriptions", "/v1/moderations", "/v1/models", "/v1/credentials", "/health"];
 
 pub fn path_only(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or("")
@@ -57,6 +59,9 @@ pub fn classify(method: &str, path: &str) -> Route {
     if method == "GET" {
         if p == "/v1/models" {
             return Route::ListModels;
+        }
+        if p == "/v1/credentials" {
+            return Route::Credentials;
         }
         if let Some(id) = p.strip_prefix("/v1/models/") {
             return Route::GetModel(id.to_string());
@@ -89,6 +94,8 @@ mod tests {
         assert_eq!(classify("POST", "/v1/embeddings/"), Route::Inference);
         assert_eq!(classify("GET", "/v1/chat/completions"), Route::OtherV1);
         assert_eq!(classify("GET", "/v1/models"), Route::ListModels);
+        assert_eq!(classify("GET", "/v1/credentials"), Route::Credentials);
+        assert_eq!(classify("POST", "/v1/credentials"), Route::OtherV1);
         assert_eq!(classify("GET", "/v1/models/gpt-4o"), Route::GetModel("gpt-4o".into()));
         assert_eq!(classify("POST", "/v1/files"), Route::OtherV1);
         for bad in ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/a%2Fb", "/v1//x", "/v1/./x"] {

@@ -1,16 +1,21 @@
 //! fail2ban per credential: consecutive error responses ban it for a while (or until restart).
+//! The same record holds the credential's provider cooldown (see `cooldown`), so selection reads
+//! one record per credential.
 
 use crate::config::{BanDuration, Fail2Ban};
 
-/// `banned_until_ms`: 0 = not banned, `u64::MAX` = permanent.
+/// `banned_until_ms`: 0 = not banned, `u64::MAX` = permanent. `cooldown_until_ms`: a provider
+/// asked us to leave the key alone until then (0 = no cooldown).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BanRecord {
     pub errors: u32,
     pub banned_until_ms: u64,
+    pub cooldown_until_ms: u64,
 }
 
 const PERMANENT: u64 = u64::MAX;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const LEN: usize = 21;
 
 /// What a response did to the credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,13 +33,29 @@ impl BanRecord {
         self.banned_until_ms > now_ms
     }
 
-    /// The record as it stands at `now_ms`: an expired ban has lifted and its count is reset.
+    pub fn in_cooldown(&self, now_ms: u64) -> bool {
+        self.cooldown_until_ms > now_ms
+    }
+
+    /// Extends the cooldown to `until_ms` (never shortens it); true if it changed.
+    pub fn cool_down(&mut self, until_ms: u64) -> bool {
+        let changed = until_ms > self.cooldown_until_ms;
+        self.cooldown_until_ms = self.cooldown_until_ms.max(until_ms);
+        changed
+    }
+
+    /// The record as it stands at `now_ms`: an expired ban has lifted and its count is reset; an
+    /// expired cooldown is gone.
     pub fn current(self, now_ms: u64) -> BanRecord {
-        if self.banned_until_ms != 0 && self.banned_until_ms <= now_ms {
-            BanRecord::default()
-        } else {
-            self
+        let mut r = self;
+        if r.banned_until_ms != 0 && r.banned_until_ms <= now_ms {
+            r.errors = 0;
+            r.banned_until_ms = 0;
         }
+        if r.cooldown_until_ms <= now_ms {
+            r.cooldown_until_ms = 0;
+        }
+        r
     }
 
     /// Applies one upstream response status.
@@ -62,18 +83,23 @@ impl BanRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(13);
+        let mut out = Vec::with_capacity(LEN);
         out.push(VERSION);
         out.extend_from_slice(&self.errors.to_le_bytes());
         out.extend_from_slice(&self.banned_until_ms.to_le_bytes());
+        out.extend_from_slice(&self.cooldown_until_ms.to_le_bytes());
         out
     }
 
     /// `None` for a corrupt or other-version record (the caller resets it).
     pub fn decode(b: &[u8]) -> Option<BanRecord> {
-        let b: &[u8; 13] = b.try_into().ok()?;
-        let [VERSION, e0, e1, e2, e3, u @ ..] = *b else { return None };
-        Some(BanRecord { errors: u32::from_le_bytes([e0, e1, e2, e3]), banned_until_ms: u64::from_le_bytes(u) })
+        let b: &[u8; LEN] = b.try_into().ok()?;
+        let [VERSION, e0, e1, e2, e3, u0, u1, u2, u3, u4, u5, u6, u7, c @ ..] = *b else { return None };
+        Some(BanRecord {
+            errors: u32::from_le_bytes([e0, e1, e2, e3]),
+            banned_until_ms: u64::from_le_bytes([u0, u1, u2, u3, u4, u5, u6, u7]),
+            cooldown_until_ms: u64::from_le_bytes(c),
+        })
     }
 }
 
@@ -132,12 +158,16 @@ mod tests {
         assert!(r.is_banned(50));
         assert!(!r.current(150).is_banned(150));
         assert_eq!(r.current(150), BanRecord::default());
+        let mut c = BanRecord::default();
+        assert!(c.cool_down(500) && !c.cool_down(400), "a cooldown is never shortened");
+        assert!(c.in_cooldown(499) && !c.current(500).in_cooldown(500));
+        assert_eq!(c.current(500), BanRecord::default());
         assert_eq!(r.on_status(500, 150, &p), BanEvent::Counted { errors: 1 }, "count restarts after the ban");
     }
 
     #[test]
     fn codec() {
-        let r = BanRecord { errors: 2, banned_until_ms: 12345 };
+        let r = BanRecord { errors: 2, banned_until_ms: 12345, cooldown_until_ms: 99 };
         assert_eq!(BanRecord::decode(&r.encode()), Some(r));
         assert_eq!(BanRecord::decode(&[1, 2, 3]), None);
         let mut other = r.encode();

@@ -38,7 +38,12 @@ pub trait Host: SharedStore {
     /// `len` bytes of the buffered request body from `start`.
     fn request_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>>;
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>>;
+    /// Sets (`Some`) or removes (`None`) a response header.
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()>;
     fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>>;
+    /// Writes a property; Envoy keeps `name` as filter state `wasm.<name>`, seen by the upstream
+    /// filter and the route's matcher.
+    fn set_property(&self, name: &str, value: &[u8]) -> HostResult<()>;
     /// A local reply; the stream stops here.
     fn send_reply(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()>;
     /// Makes Envoy pick the route (and cluster) again after a routing header changed.

@@ -28,11 +28,13 @@ pub mod retry_contract {
     pub const ATTEMPTS_HEADER: &str = "x-auto-ai-router-attempts";
 }
 
+pub mod attempt;
 pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod body_scan;
 pub mod config;
+pub mod cooldown;
 pub mod endpoints;
 pub mod errors;
 pub mod fail2ban;

@@ -11,6 +11,9 @@ pub const REJECTIONS_TOTAL: &str = "auto_ai_router_rejections_total";
 pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";
 /// A fail2ban update that could not be written (shared-data contention or a host error): counted
 /// and logged, never dropped silently.
+/// A failed attempt retried on another credential: `{credential, reason}` (the status, or
+/// `connect_failure`).
+pub const RETRIES_TOTAL: &str = "auto_ai_router_retries_total";
 pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
 
 /// Label keys, for the renderer's `stats_tags`.

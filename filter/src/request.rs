@@ -6,11 +6,13 @@
 //! reload the VM and kill every stream on the worker); if even the reply fails the request stays
 //! paused (fail closed: it never goes upstream unrouted).
 
+use crate::attempt;
 use crate::auth;
 use crate::balancer::{self, Selection};
 use crate::body;
 use crate::body_scan;
 use crate::config::LogLevel;
+use crate::cooldown;
 use crate::endpoints::{self, Route};
 use crate::errors;
 use crate::fail2ban::BanEvent;
@@ -131,7 +133,19 @@ impl Request {
         } else {
             status
         };
-        self.account(rt, host, index, counted);
+        if rt.retries_on() {
+            // The upstream filter accounted every attempt; the answer is the last credential's.
+            if let Ok(Some(plan)) = attempt::read_plan(host) {
+                let last = plan.current().unwrap_or(index);
+                self.phase = Phase::Routed { index: last };
+                if let Some(model) = &self.model {
+                    rt.count_model(host, last, model);
+                }
+            }
+            return Action::Continue;
+        }
+        let hints = attempt::read_hints(host, status);
+        self.account(rt, host, index, counted, &hints);
         Action::Continue
     }
 
@@ -143,10 +157,13 @@ impl Request {
     }
 
     /// Feeds one attempt's status into fail2ban and the metrics.
-    fn account(&self, rt: &Runtime, host: &dyn Host, index: usize, status: u16) {
+    fn account(&self, rt: &Runtime, host: &dyn Host, index: usize, status: u16, hints: &cooldown::Hints) {
         let (Some(cred), Some(key)) = (rt.cfg.credentials.get(index), rt.keys.get(index)) else { return };
         let now = host.now_ms();
-        match balancer::record_status(host, &rt.cfg, key, status, now) {
+        let server = &rt.cfg.server;
+        let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
+            .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+        match balancer::record_status(host, &rt.cfg, key, status, cooldown, now) {
             Ok(event) => {
                 if rt.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
                     rt.increment(host, HotKey::Errors(index));
@@ -254,6 +271,11 @@ impl Request {
                 let body = rt.index.borrow().list_json();
                 self.ok_json(host, 200, &body)
             }
+            Route::Credentials => {
+                let now = host.now_ms();
+                let states = balancer::credential_states(host, &rt.cfg, &rt.keys, now);
+                self.ok_json(host, 200, &balancer::credential_states_json(&states, now))
+            }
             Route::GetModel(id) if rt.cfg.server.replace_v1_models => {
                 rt.refresh_index(host);
                 let entry = rt.index.borrow().get(&id).map(ModelIndex::entry_json);
@@ -308,7 +330,7 @@ impl Request {
             let index = rt.index.borrow();
             let model_aware = rt.cfg.server.replace_v1_models;
             let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
-            balancer::select(host, &rt.cfg, &rt.keys, model.as_deref(), &serves, now)
+            balancer::select(host, &rt.cfg, &rt.keys, model.as_deref(), &serves, &[], now)
         };
         match selection {
             Selection::Chosen { index, rpm_current } => {
@@ -320,6 +342,10 @@ impl Request {
                     host.set_request_header(":path", Some(path.as_bytes()))?;
                 }
                 host.set_request_header(CLUSTER_HEADER, Some(cred.name.as_bytes()))?;
+                if rt.retries_on() {
+                    let plan = attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone() };
+                    attempt::write_plan(host, &plan, &cred.name)?;
+                }
                 host.clear_route_cache()?;
                 if rpm_current > 0 {
                     rt.record(host, HotKey::RpmCurrent(index), rpm_current as u64);

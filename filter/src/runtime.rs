@@ -35,6 +35,8 @@ pub enum HotKey {
     Banned(usize),
     Errors(usize),
     StateConflicts(usize),
+    /// A retry away from a credential: the failed status (0 = no response).
+    Retries(usize, u16),
     Rejections(&'static str),
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
@@ -88,6 +90,11 @@ impl Runtime {
             HotKey::Banned(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_BANNED, &cred(i)),
             HotKey::Errors(i) => self.metric(host, MetricKind::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &cred(i)),
             HotKey::StateConflicts(i) => self.metric(host, MetricKind::Counter, metrics::STATE_CONFLICTS_TOTAL, &cred(i)),
+            HotKey::Retries(i, status) => {
+                let reason = if status == 0 { "connect_failure".to_string() } else { status.to_string() };
+                let labels = [("credential", self.credential_name(i)), ("reason", reason.as_str())];
+                self.metric(host, MetricKind::Counter, metrics::RETRIES_TOTAL, &labels)
+            }
             HotKey::Rejections(reason) => self.metric(host, MetricKind::Counter, metrics::REJECTIONS_TOTAL, &[("reason", reason)]),
             HotKey::Requests(i, endpoint, status) => {
                 let status = status.to_string();
@@ -141,6 +148,14 @@ impl Runtime {
             }
         };
         host.increment_metric(id, 1);
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.cfg.credentials.iter().position(|c| c.name == name)
+    }
+
+    pub fn retries_on(&self) -> bool {
+        self.cfg.server.max_provider_retries > 0
     }
 
     pub fn refresh_index(&self, host: &dyn Host) {

@@ -124,6 +124,22 @@ impl Host for MemHost {
         Ok(self.response_headers.borrow().iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
 
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
+        self.call("set_response_header")?;
+        let mut h = self.response_headers.borrow_mut();
+        h.retain(|(k, _)| k != name);
+        if let Some(v) = value {
+            h.push((name.to_string(), v.to_vec()));
+        }
+        Ok(())
+    }
+
+    fn set_property(&self, name: &str, value: &[u8]) -> HostResult<()> {
+        self.call("set_property")?;
+        self.properties.borrow_mut().insert(name.to_string(), value.to_vec());
+        Ok(())
+    }
+
     fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>> {
         self.call("property")?;
         Ok(self.properties.borrow().get(&path.join(".")).cloned())

@@ -1,6 +1,8 @@
 //! The streaming scanner against `extract_model` (serde_json on the whole body): same verdict kind
 //! and the same model, whatever the chunking; and its throughput.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use filter::body::{extract_model, BodyError, MAX_MODEL_LEN};
 use filter::body_scan::{scan, Scanner};
 use proptest::prelude::*;

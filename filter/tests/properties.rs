@@ -112,7 +112,7 @@ proptest! {
         for (gap, m) in gaps.iter().zip(models.iter().cycle()) {
             now += gap;
             let model = format!("m{m}");
-            match balancer::select(&s, &c, &keys, Some(&model), &|_, _| true, now) {
+            match balancer::select(&s, &c, &keys, Some(&model), &|_, _| true, &[], now) {
                 Selection::Chosen { index, .. } => admitted.push((now, index, *m)),
                 Selection::RateLimited { retry_after } => prop_assert!((1..=61).contains(&retry_after)),
                 other => prop_assert!(false, "nothing is banned or busy: {:?}", other),
@@ -143,7 +143,7 @@ proptest! {
                 errors = 0;
                 banned_at = None;
             }
-            balancer::record_status(&s, &c, &keys[0], *status, now).unwrap();
+            balancer::record_status(&s, &c, &keys[0], *status, None, now).unwrap();
             if banned_at.is_none() {
                 if c.fail2ban.error_codes.contains(status) {
                     errors += 1;

@@ -13,8 +13,10 @@ fn creds(list: &[(&str, i64)]) -> String {
         .collect()
 }
 
+/// This suite drives the router filter alone (no upstream filter), so retries are off and the
+/// router accounts each response itself; `tests/retry.rs` covers the retries-on path.
 fn cfg(list: &[(&str, i64)], extra: &str) -> String {
-    format!("server: {{master_key: {MASTER}, default_models_rpm: -1, replace_v1_models: false}}\ncredentials:\n{}{extra}", creds(list))
+    format!("server: {{master_key: {MASTER}, default_models_rpm: -1, replace_v1_models: false, max_provider_retries: 0}}\ncredentials:\n{}{extra}", creds(list))
 }
 
 fn vm_for(host: &Host, config: &str) -> Vm {
@@ -150,7 +152,7 @@ fn models_reply(ids: &[&str]) -> CallReply {
 }
 
 fn model_aware(list: &[(&str, i64)], extra: &str) -> String {
-    format!("server: {{master_key: {MASTER}, default_models_rpm: -1, replace_v1_models: true}}\ncredentials:\n{}{extra}", creds(list))
+    format!("server: {{master_key: {MASTER}, default_models_rpm: -1, replace_v1_models: true, max_provider_retries: 0}}\ncredentials:\n{}{extra}", creds(list))
 }
 
 #[test]

@@ -32,6 +32,7 @@ extern "C" {
     fn proxy_replace_header_map_value(map: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32;
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
     fn proxy_get_property(path: *const u8, path_size: usize, ret_data: *mut *mut u8, ret_size: *mut usize) -> u32;
+    fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, value_size: usize) -> u32;
     fn proxy_get_shared_data(key: *const u8, key_size: usize, ret_data: *mut *mut u8, ret_size: *mut usize, ret_cas: *mut u32) -> u32;
     fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32;
     #[allow(clippy::too_many_arguments)]
@@ -191,6 +192,21 @@ impl Host for WasmHost {
 
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
         get_map_value(RESPONSE_HEADERS, name)
+    }
+
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
+        // SAFETY: pointers and lengths of live slices.
+        check(unsafe {
+            match value {
+                Some(v) => proxy_replace_header_map_value(RESPONSE_HEADERS, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+                None => proxy_remove_header_map_value(RESPONSE_HEADERS, name.as_ptr(), name.len()),
+            }
+        })
+    }
+
+    fn set_property(&self, name: &str, value: &[u8]) -> HostResult<()> {
+        // SAFETY: pointers and lengths of live slices.
+        check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
     }
 
     fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>> {

@@ -3,14 +3,16 @@
 
 mod abi;
 
+use crate::attempt::Attempt;
 use crate::config::{self, LogLevel};
-use crate::host::Action as Step;
+use crate::host::{Action as Step, Host};
 use crate::models_fetch::{self, Fetcher};
 use crate::request::Request;
 use crate::runtime::Runtime;
 use abi::WasmHost;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
+use crate::retry_contract::UPSTREAM_ROOT_ID;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ fn action(step: Step) -> Action {
 struct Root {
     rt: Option<Rc<Runtime>>,
     fetcher: Fetcher,
+    /// This root runs as the upstream filter in the credential clusters (one context per attempt).
+    upstream: bool,
 }
 
 impl Context for Root {
@@ -69,7 +73,13 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let root_id = WasmHost.property(&["plugin_root_id"]).ok().flatten().unwrap_or_default();
+        self.upstream = root_id == UPSTREAM_ROOT_ID.as_bytes();
         let rt = Runtime::new(cfg);
+        if self.upstream {
+            self.rt = Some(Rc::new(rt));
+            return true;
+        }
         rt.log(&WasmHost, LogLevel::Info, || {
             let creds: Vec<String> = rt.cfg.credentials.iter().map(|c| format!("{} ({}, key {})", c.name, c.base_url, config::mask(&c.api_key))).collect();
             format!("auto-ai-router: configured {} credentials: {}", creds.len(), creds.join(", "))
@@ -84,13 +94,16 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let Some(rt) = self.rt.clone() else { return };
+        let Some(rt) = self.rt.clone().filter(|_| !self.upstream) else { return };
         let now = abi::now_ms();
         rt.update_gauges(&WasmHost, now);
         self.fetcher.tick(&rt, &WasmHost, now);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.upstream {
+            return Some(Box::new(Upstream { rt: self.rt.clone(), attempt: Attempt::default() }));
+        }
         Some(Box::new(Http { rt: self.rt.clone(), request: Request::default() }))
     }
 
@@ -126,5 +139,28 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         self.request.on_log(self.rt.as_deref(), &WasmHost);
+    }
+}
+
+/// One upstream attempt (the upstream filter in a credential's cluster).
+struct Upstream {
+    rt: Option<Rc<Runtime>>,
+    attempt: Attempt,
+}
+
+impl Context for Upstream {
+    fn on_done(&mut self) -> bool {
+        self.attempt.on_done(self.rt.as_deref(), &WasmHost);
+        true
+    }
+}
+
+impl HttpContext for Upstream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        action(self.attempt.on_request_headers(self.rt.as_deref(), &WasmHost))
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        action(self.attempt.on_response_headers(self.rt.as_deref(), &WasmHost))
     }
 }

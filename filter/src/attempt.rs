@@ -1,0 +1,281 @@
+//! One upstream attempt, in the upstream filter the same `.wasm` runs in every credential's
+//! cluster (`retry_contract::UPSTREAM_ROOT_ID`): inject this attempt's key → see its status →
+//! account it → choose the next key when it failed.
+//!
+//! The downstream flow (`request`) picks and charges the first credential and writes the request's
+//! [`Plan`] into filter state. Envoy's router then runs one attempt per credential: the route's
+//! matcher reads `retry_contract::NEXT_FILTER_STATE` on every attempt (`refresh_cluster_on_retry`)
+//! and retries when an attempt's response carries `retry_contract::RETRY_HEADER`, or on a connect
+//! failure or reset before any response. Envoy never retries once response headers went
+//! downstream, so a stream is never restarted.
+//!
+//! Header edits persist from one attempt into the next, so every attempt rebuilds
+//! `authorization`, `:authority` and `:path` from the plan (the client's original path), never
+//! from what the previous attempt left.
+
+use crate::balancer::{self, Selection};
+use crate::config::LogLevel;
+use crate::cooldown::{self, Hints};
+use crate::endpoints;
+use crate::fail2ban::BanEvent;
+use crate::host::{Action, Host, HostResult};
+use crate::retry_contract::{ATTEMPTS_HEADER, NEXT_PROPERTY, NO_CREDENTIAL, PLAN_PROPERTY, RETRY_HEADER};
+use crate::runtime::{HotKey, Runtime};
+use crate::upstream_status;
+use crate::CLUSTER_HEADER;
+
+/// What the attempts of one request share, kept in filter state (`retry_contract::PLAN_PROPERTY`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Credentials tried so far, in order; the last is the current attempt's.
+    pub tried: Vec<u16>,
+    pub model: Option<String>,
+    /// The client's path (before any base_url prefix).
+    pub path: String,
+}
+
+const PLAN_VERSION: u8 = 1;
+
+impl Plan {
+    pub fn encode(&self) -> Vec<u8> {
+        let model = self.model.as_deref().unwrap_or_default().as_bytes();
+        let mut out = Vec::with_capacity(5 + 2 * self.tried.len() + model.len() + self.path.len());
+        out.push(PLAN_VERSION);
+        out.push(self.tried.len().min(255) as u8);
+        for i in self.tried.iter().take(255) {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        out.push(self.model.is_some() as u8);
+        out.extend_from_slice(&(model.len().min(u16::MAX as usize) as u16).to_le_bytes());
+        out.extend_from_slice(model.get(..model.len().min(u16::MAX as usize)).unwrap_or_default());
+        out.extend_from_slice(self.path.as_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Plan> {
+        let (&[PLAN_VERSION, n], rest) = b.split_first_chunk::<2>()? else { return None };
+        let (tried, rest) = rest.split_at_checked(2 * n as usize)?;
+        let tried = tried.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let (&[has_model, l0, l1], rest) = rest.split_first_chunk::<3>()?;
+        let (model, path) = rest.split_at_checked(u16::from_le_bytes([l0, l1]) as usize)?;
+        let model = (has_model == 1).then(|| String::from_utf8(model.to_vec()).ok()).flatten();
+        Some(Plan { tried, model, path: String::from_utf8(path.to_vec()).ok()? })
+    }
+
+    pub fn current(&self) -> Option<usize> {
+        self.tried.last().map(|i| *i as usize)
+    }
+
+    pub fn tried_indices(&self) -> Vec<usize> {
+        self.tried.iter().map(|i| *i as usize).collect()
+    }
+}
+
+/// The request's plan from filter state (`None`: not a router request, e.g. the filter's own
+/// `/v1/models` fetch through the credential's cluster).
+pub fn read_plan(host: &dyn Host) -> HostResult<Option<Plan>> {
+    Ok(host.property(&[PLAN_PROPERTY])?.and_then(|b| Plan::decode(&b)))
+}
+
+/// The cooldown hints of a response, reading only the headers that can matter for `status`.
+pub fn read_hints(host: &dyn Host, status: u16) -> Hints {
+    let header = |n: &str| host.response_header(n).ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned());
+    if status == 429 || status == 503 {
+        return Hints { retry_after: header("retry-after"), reset_requests: header("x-ratelimit-reset-requests"), remaining_requests: None };
+    }
+    let remaining = header("x-ratelimit-remaining-requests");
+    let reset = remaining.as_deref().is_some_and(|r| r.trim() == "0").then(|| header("x-ratelimit-reset-requests")).flatten();
+    Hints { retry_after: None, reset_requests: reset, remaining_requests: remaining }
+}
+
+pub fn write_plan(host: &dyn Host, plan: &Plan, next: &str) -> HostResult<()> {
+    host.set_property(PLAN_PROPERTY, &plan.encode())?;
+    host.set_property(NEXT_PROPERTY, next.as_bytes())
+}
+
+#[derive(Debug, Default)]
+pub struct Attempt {
+    plan: Option<Plan>,
+    /// This attempt's credential (from the cluster it runs in).
+    index: Option<usize>,
+    endpoint: &'static str,
+    responded: bool,
+}
+
+impl Attempt {
+    pub fn on_request_headers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
+        match self.inject(rt, host) {
+            Ok(action) => action,
+            Err(e) => {
+                if let Some(rt) = rt {
+                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: upstream attempt: host call failed with status {}; answering 503", e.0));
+                }
+                self.refuse(host)
+            }
+        }
+    }
+
+    /// Never lets a router request go upstream without its own credential's key.
+    fn refuse(&mut self, host: &dyn Host) -> Action {
+        self.plan = None;
+        let body = crate::errors::body(503, "The router could not prepare the upstream request.", Some("router_error"));
+        let _ = host.send_reply(503, &[("content-type", "application/json")], body.as_bytes());
+        Action::Pause
+    }
+
+    fn inject(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> HostResult<Action> {
+        let Some(plan) = read_plan(host)? else { return Ok(Action::Continue) };
+        let Some(rt) = rt else { return Ok(self.refuse(host)) };
+        let cluster = host.property(&["xds", "cluster_name"])?.unwrap_or_default();
+        let index = std::str::from_utf8(&cluster).ok().and_then(|c| rt.index_of(c));
+        let (Some(i), Some(cred), Some(bearer)) = (index, index.and_then(|i| rt.cfg.credentials.get(i)), index.and_then(|i| rt.bearer.get(i)))
+        else {
+            rt.log(host, LogLevel::Error, || format!("auto-ai-router: upstream attempt in unknown cluster {:?}", String::from_utf8_lossy(&cluster)));
+            return Ok(self.refuse(host));
+        };
+        host.set_request_header("authorization", Some(bearer.as_bytes()))?;
+        host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
+        let path = format!("{}{}", cred.path_prefix, plan.path);
+        host.set_request_header(":path", Some(path.as_bytes()))?;
+        host.set_request_header(CLUSTER_HEADER, None)?;
+        self.endpoint = endpoints::label(&plan.path);
+        self.index = Some(i);
+        self.plan = Some(plan);
+        Ok(Action::Continue)
+    }
+
+    pub fn on_response_headers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
+        let (Some(rt), Some(index), Some(_)) = (rt, self.index, self.plan.as_ref()) else { return Action::Continue };
+        self.responded = true;
+        // A provider can't ask for a retry by sending our flag itself.
+        let _ = host.set_response_header(RETRY_HEADER, None);
+        let status = host.response_header(":status").ok().flatten().and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok()).unwrap_or(0);
+        let hints = read_hints(host, status);
+        self.finish_attempt(rt, host, index, Outcome::Response(status), &hints);
+        Action::Continue
+    }
+
+    /// The attempt is over (Envoy calls this before it retries). No response headers: a connect
+    /// failure, a reset or a timeout before the first byte.
+    pub fn on_done(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        let (Some(rt), Some(index), Some(_), false) = (rt, self.index, self.plan.as_ref(), self.responded) else { return };
+        self.responded = true;
+        let details = host.property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
+        let details = String::from_utf8_lossy(&details);
+        let status = if details.is_empty() { 502 } else { upstream_status::effective_status(503, &details) };
+        self.finish_attempt(rt, host, index, Outcome::NoResponse(status), &Hints::default());
+    }
+
+    fn finish_attempt(&mut self, rt: &Runtime, host: &dyn Host, index: usize, outcome: Outcome, hints: &Hints) {
+        let now = host.now_ms();
+        let server = &rt.cfg.server;
+        let status = outcome.status();
+        let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
+            .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+        self.account(rt, host, index, status, cooldown, now);
+        let Some(plan) = self.plan.as_mut() else { return };
+        let attempts = plan.tried.len();
+        if let Outcome::Response(_) = outcome {
+            let _ = host.set_response_header(ATTEMPTS_HEADER, Some(attempts.to_string().as_bytes()));
+        }
+        let failed = matches!(outcome, Outcome::NoResponse(_)) || server.retry_on_status.contains(&status);
+        if !failed || attempts > server.max_provider_retries as usize {
+            return;
+        }
+        rt.refresh_index(host);
+        let selection = {
+            let idx = rt.index.borrow();
+            let model_aware = server.replace_v1_models;
+            let serves = |i: usize, m: &str| !model_aware || idx.serves(i, m);
+            balancer::select(host, &rt.cfg, &rt.keys, plan.model.as_deref(), &serves, &plan.tried_indices(), now)
+        };
+        let next = match selection {
+            Selection::Chosen { index: next, .. } => rt.cfg.credentials.get(next).map(|c| (next, c.name.as_str())),
+            _ => None,
+        };
+        let Some((next, name)) = next else {
+            // No key left: the client gets this answer as the provider sent it (after a connect
+            // failure Envoy's own 503: the matcher finds no cluster for NO_CREDENTIAL).
+            let _ = host.set_property(NEXT_PROPERTY, NO_CREDENTIAL.as_bytes());
+            return;
+        };
+        plan.tried.push(next as u16);
+        if write_plan(host, plan, name).is_err() {
+            return;
+        }
+        // After a response, Envoy retries on our header; without one, on its own retry_on.
+        if let Outcome::Response(_) = outcome {
+            if host.set_response_header(RETRY_HEADER, Some(b"1")).is_err() {
+                return;
+            }
+        }
+        let reason = match outcome {
+            Outcome::Response(s) => s,
+            Outcome::NoResponse(_) => 0,
+        };
+        rt.increment(host, HotKey::Retries(index, reason));
+        rt.log(host, LogLevel::Debug, || format!("auto-ai-router: attempt {attempts} got {status}; retrying on credential {name}"));
+    }
+
+    /// fail2ban, the cooldown and the per-attempt request count of this attempt's credential.
+    fn account(&self, rt: &Runtime, host: &dyn Host, index: usize, status: u16, cooldown: Option<u64>, now: u64) {
+        if let (Some(key), Some(cred)) = (rt.keys.get(index), rt.cfg.credentials.get(index)) {
+            match balancer::record_status(host, &rt.cfg, key, status, cooldown, now) {
+                Ok(event) => {
+                    if rt.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
+                        rt.increment(host, HotKey::Errors(index));
+                    }
+                    if let BanEvent::Banned { .. } = event {
+                        rt.record(host, HotKey::Banned(index), 1);
+                        rt.log(host, LogLevel::Warn, || {
+                            format!("auto-ai-router: credential {} banned after {} errors (last status {status})", cred.name, rt.cfg.fail2ban.max_attempts)
+                        });
+                    }
+                }
+                Err(e) => {
+                    rt.increment(host, HotKey::StateConflicts(index));
+                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: status {status} of credential {} not recorded: {e:?}", cred.name));
+                }
+            }
+            if let Some(until) = cooldown {
+                rt.log(host, LogLevel::Info, || format!("auto-ai-router: credential {} cools down for {} ms (status {status})", cred.name, until.saturating_sub(now)));
+            }
+        }
+        rt.increment(host, HotKey::Requests(index, self.endpoint, status));
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The provider answered with this status.
+    Response(u16),
+    /// No response: the status fail2ban counts it as (502 connect failure or reset, 504 timeout).
+    NoResponse(u16),
+}
+
+impl Outcome {
+    fn status(self) -> u16 {
+        match self {
+            Outcome::Response(s) | Outcome::NoResponse(s) => s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_codec() {
+        let p = Plan { tried: vec![0, 3], model: Some("gpt-4o".into()), path: "/v1/chat/completions?x=é".into() };
+        assert_eq!(Plan::decode(&p.encode()), Some(p.clone()));
+        let none = Plan { tried: vec![1], model: None, path: "/v1/files".into() };
+        assert_eq!(Plan::decode(&none.encode()), Some(none));
+        let bytes = p.encode();
+        for cut in 0..7 {
+            assert_eq!(Plan::decode(&bytes[..cut]), None, "{cut}");
+        }
+        assert_eq!(Plan::decode(b""), None);
+        assert_eq!(p.current(), Some(3));
+    }
+}

@@ -1,0 +1,12 @@
+# Lints (issue 11): formatting and clippy with warnings as errors, natively for every crate and
+# target, and for the filter on wasm32 (its proxy-wasm layer compiles only there). The filter
+# denies unwrap/expect/panic outside tests (filter/Cargo.toml [lints]). Part of `make test`.
+TEST_TARGETS += test-lint
+
+.PHONY: test-lint
+test-lint: wasm-target
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --features e2e/e2e -- -D warnings
+	$(CARGO) clippy -p filter --target $(WASM_TARGET) -- -D warnings
