@@ -16,7 +16,7 @@
 //!   on (up to N times) and removes before the client. A header-based route would not change cluster
 //!   on retry (checked on Envoy 1.40).
 
-use crate::prepare::{Prepared, ADMIN_CLUSTER};
+use crate::prepare::{Prepared, ADMIN_CLUSTER, NO_CREDENTIAL_CLUSTER};
 use filter::config::{Credential, LogLevel, Scheme};
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -192,16 +192,19 @@ fn retries_on(p: &Prepared) -> bool {
     p.config.server.max_provider_retries > 0
 }
 
-/// Filter state (written by the filter) → the credential's cluster; no match → no cluster, which
-/// Envoy answers with a 503 (response flag `NC`): that is what [`retry_contract::NO_CREDENTIAL`] is for.
+/// Filter state (written by the filter) → the credential's cluster, and
+/// [`retry_contract::NO_CREDENTIAL`] → [`NO_CREDENTIAL_CLUSTER`], which has no endpoint: Envoy
+/// answers 503 (`UH`) at once and stops. A value matching no cluster would not do: on a retry
+/// Envoy 1.40 then keeps the previous attempt's cluster (checked: a refused connection was retried
+/// on the same dead credential until `num_retries` ran out). No filter state at all (the filter
+/// did not route the request) matches nothing: 503 `NC`.
 fn cluster_specifier(p: &Prepared) -> Value {
+    let action = |cluster: &str| json!({"action": {"name": "cluster", "typed_config": {"@type": CLUSTER_ACTION_TYPE, "cluster": cluster}}});
     let mut map = serde_json::Map::new();
     for c in &p.config.credentials {
-        map.insert(
-            c.name.clone(),
-            json!({"action": {"name": "cluster", "typed_config": {"@type": CLUSTER_ACTION_TYPE, "cluster": c.name}}}),
-        );
+        map.insert(c.name.clone(), action(&c.name));
     }
+    map.insert(retry_contract::NO_CREDENTIAL.to_string(), action(NO_CREDENTIAL_CLUSTER));
     json!({"extension": {
         "name": "envoy.router.cluster_specifier_plugin.matcher",
         "typed_config": {
@@ -215,6 +218,25 @@ fn cluster_specifier(p: &Prepared) -> Value {
             }},
         },
     }})
+}
+
+/// The `/v1/` route, and the same route again as `v1_routed`, first in the list, matching any path
+/// of a request the filter has routed (its filter state is set). Envoy re-matches routes after the
+/// filter clears the route cache and, with `refresh_cluster_on_retry`, before every retry — both
+/// times on the path as rewritten for a credential (`base_url` path + client path, e.g.
+/// `/openai/v1/chat/completions`), which `/v1/` no longer matches (checked on Envoy 1.40: 404 from
+/// `not_found`). Filter state cannot come from a client, unlike a header: a path-independent route
+/// keyed on the cluster header would let a client send any path to a provider past the filter,
+/// which leaves paths outside `/v1/` untouched.
+fn v1_routes(p: &Prepared, timeout: String, body_limit: u64) -> [Value; 2] {
+    let v1 = v1_route(p, timeout, body_limit);
+    let mut routed = v1.clone();
+    routed["name"] = json!("v1_routed");
+    routed["match"] = json!({"prefix": "/", "filter_state": [{
+        "key": retry_contract::NEXT_FILTER_STATE,
+        "string_match": {"safe_regex": {"regex": ".+"}},
+    }]});
+    [routed, v1]
 }
 
 fn v1_route(p: &Prepared, timeout: String, body_limit: u64) -> Value {
@@ -257,7 +279,9 @@ fn routes(p: &Prepared) -> Vec<Value> {
     let timeout = p.config.server.request_timeout.map(duration_ms).unwrap_or_else(|| "0s".into());
     let body_limit = p.config.server.max_body_size_bytes + BODY_BUFFER_SLACK;
     let not_found = filter::errors::body(404, "Not found: the router serves /v1/*, /health and /metrics", Some("not_found"));
+    let [routed, v1] = v1_routes(p, timeout, body_limit);
     vec![
+        routed,
         json!({
             "name": "metrics",
             "match": {"path": "/metrics"},
@@ -270,7 +294,7 @@ fn routes(p: &Prepared) -> Vec<Value> {
             // The filter answers /health itself; the route only has to reach it.
             "route": {"cluster_header": CLUSTER_HEADER, "timeout": "10s"},
         }),
-        v1_route(p, timeout, body_limit),
+        v1,
         json!({
             "name": "not_found",
             "match": {"prefix": "/"},
@@ -299,10 +323,19 @@ fn local_reply_config(retries: bool) -> Value {
     };
     let mut mappers = vec![mapper(&["UT"], "timeout_error", "upstream_timeout")];
     if retries {
-        // No cluster for the attempt: the filter wrote NO_CREDENTIAL after a failure without a
-        // provider response (every other credential was tried or is unavailable).
+        // The filter wrote NO_CREDENTIAL after a failure without a provider response (every
+        // other credential was tried or is unavailable): Envoy's 503 from the endpoint-less cluster.
         mappers.push(json!({
-            "filter": {"response_flag_filter": {"flags": ["NC"]}},
+            "filter": {"and_filter": {"filters": [
+                {"response_flag_filter": {"flags": ["UH"]}},
+                {"extension_filter": {
+                    "name": "envoy.access_loggers.extension_filters.cel",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                        "expression": format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'"),
+                    },
+                }},
+            ]}},
             "body_format_override": {"json_format": {"error": {
                 "message": "No credential is available: every credential that could serve this request failed or was already tried",
                 "type": "service_unavailable_error", "param": null, "code": "no_credential_available",
@@ -478,6 +511,16 @@ fn stats_config() -> Value {
 pub fn render(p: &Prepared, o: &RenderOptions) -> Value {
     let upstream = retries_on(p).then(|| upstream_filters(p, o));
     let mut clusters: Vec<Value> = p.config.credentials.iter().map(|c| credential_cluster(c, o, upstream.as_ref())).collect();
+    if upstream.is_some() {
+        clusters.push(json!({
+            "name": NO_CREDENTIAL_CLUSTER,
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {"cluster_name": NO_CREDENTIAL_CLUSTER, "endpoints": []},
+            // Envoy counts the retry that lands here against this cluster's retry budget.
+            "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_RETRIES}]},
+        }));
+    }
     clusters.push(json!({
         "name": ADMIN_CLUSTER,
         "connect_timeout": "1s",
@@ -610,16 +653,20 @@ mod tests {
         let b = bootstrap_for("");
         let mappers = at(&b, &format!("{HCM}/local_reply_config/mappers")).as_array().unwrap();
         let flags: Vec<&Value> = mappers.iter().filter_map(|m| m.pointer("/filter/response_flag_filter/flags")).collect();
-        assert_eq!(flags.len(), 3);
+        assert_eq!(flags.len(), 2);
         assert!(flags[0].as_array().unwrap().contains(&json!("UT")));
-        // Retries on: no cluster for an attempt (the filter wrote NO_CREDENTIAL) has its own message,
-        // before the generic upstream mapper (first match wins).
-        assert_eq!(flags[1], &json!(["NC"]));
-        assert_eq!(at(&mappers[1], "/body_format_override/json_format/error/code"), "no_credential_available");
-        assert!(flags[2].as_array().unwrap().contains(&json!("UF")));
+        assert!(flags[1].as_array().unwrap().contains(&json!("UF")));
+        // Retries on: the no-credential cluster's 503 has its own message, before the generic
+        // upstream mapper (first match wins).
+        let none = &mappers[1];
+        assert_eq!(at(none, "/filter/and_filter/filters/0/response_flag_filter/flags"), &json!(["UH"]));
+        let cel = at(none, "/filter/and_filter/filters/1/extension_filter/typed_config/expression").as_str().unwrap();
+        assert_eq!(cel, format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'"));
+        assert_eq!(at(none, "/body_format_override/json_format/error/code"), "no_credential_available");
         let off = bootstrap_for("  max_provider_retries: 0\n");
-        let mappers = at(&off, &format!("{HCM}/local_reply_config/mappers")).as_array().unwrap();
-        assert_eq!(mappers.iter().filter(|m| m.pointer("/filter/response_flag_filter").is_some()).count(), 2);
+        let off_mappers = at(&off, &format!("{HCM}/local_reply_config/mappers")).as_array().unwrap();
+        assert_eq!(off_mappers.len(), mappers.len() - 1);
+        assert!(off_mappers.iter().all(|m| m.pointer("/filter/and_filter").is_none()));
         let trap =
             mappers.iter().find(|m| m.pointer("/filter/extension_filter").is_some()).expect("a mapper for the wasm failure policy's 503");
         let cel = at(trap, "/filter/extension_filter/typed_config/expression").as_str().unwrap();
@@ -675,13 +722,16 @@ mod tests {
         );
         assert_eq!(at(tree, "/input/typed_config/key"), retry_contract::NEXT_FILTER_STATE);
         let map = at(tree, "/exact_match_map/map").as_object().unwrap();
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "b.2"]);
+        assert_eq!(map.keys().collect::<Vec<_>>(), [retry_contract::NO_CREDENTIAL, "a", "b.2"]);
         for (name, entry) in map {
             assert_eq!(at(entry, "/action/typed_config/@type"), CLUSTER_ACTION_TYPE);
-            assert_eq!(at(entry, "/action/typed_config/cluster"), name.as_str());
+            let want = if name == retry_contract::NO_CREDENTIAL { NO_CREDENTIAL_CLUSTER } else { name.as_str() };
+            assert_eq!(at(entry, "/action/typed_config/cluster"), want);
         }
-        // NO_CREDENTIAL must match no cluster, and nothing else routes a request without a choice.
-        assert!(!map.contains_key(retry_contract::NO_CREDENTIAL));
+        // NO_CREDENTIAL goes to a cluster without endpoints (Envoy's immediate 503, no further
+        // attempt), and nothing routes a request the filter did not choose for.
+        let none = clusters(&b).iter().find(|c| c["name"] == NO_CREDENTIAL_CLUSTER).expect("the no-credential cluster");
+        assert_eq!(at(none, "/load_assignment/endpoints"), &json!([]));
         assert!(at(spec, "/typed_config/cluster_matcher").get("on_no_match").is_none());
 
         let policy = at(v1, "/route/retry_policy");
@@ -737,6 +787,31 @@ mod tests {
     }
 
     #[test]
+    fn a_routed_request_keeps_its_route_on_any_path() {
+        for (setting, cluster_header) in [("", false), ("  max_provider_retries: 0\n", true)] {
+            let b = two_credentials(setting);
+            let routes = at(&b, &format!("{HCM}/route_config/virtual_hosts/0/routes")).as_array().unwrap();
+            // First, so a prefixed path (/prefix/v1/...) after the filter's rewrite or before a
+            // retry still finds it; keyed on filter state, which only the filter writes.
+            let routed = &routes[0];
+            assert_eq!(routed["name"], "v1_routed", "{setting:?}");
+            assert_eq!(
+                routed["match"],
+                json!({"prefix": "/", "filter_state": [{"key": retry_contract::NEXT_FILTER_STATE, "string_match": {"safe_regex": {"regex": ".+"}}}]})
+            );
+            let v1 = route(&b, "v1");
+            for field in ["route", "request_body_buffer_limit", "request_headers_to_remove", "response_headers_to_remove"] {
+                assert_eq!(routed.get(field), v1.get(field), "{setting:?}: {field}");
+            }
+            assert_eq!(routed.pointer("/route/cluster_header").is_some(), cluster_header);
+            // Never a route any client header can reach on any path.
+            for r in routes {
+                assert!(r.pointer("/match/headers").is_none(), "{r}");
+            }
+        }
+    }
+
+    #[test]
     fn retries_off_render_nothing_retry_related() {
         let b = two_credentials("  max_provider_retries: 0\n");
         let v1 = route(&b, "v1");
@@ -747,14 +822,16 @@ mod tests {
         assert_eq!(v1["request_headers_to_remove"], json!([CLUSTER_HEADER]));
         for c in clusters(&b) {
             assert!(c.pointer(&format!("{PROTO}/http_filters")).is_none(), "{}", c["name"]);
+            assert_ne!(c["name"], NO_CREDENTIAL_CLUSTER);
         }
         let text = b.to_string();
         for needle in [
             retry_contract::UPSTREAM_ROOT_ID,
             retry_contract::RETRY_HEADER,
-            retry_contract::NEXT_FILTER_STATE,
             "retry_policy",
             "upstream_codec",
+            "cluster_specifier",
+            NO_CREDENTIAL_CLUSTER,
         ] {
             assert!(!text.contains(needle), "{needle} in a bootstrap without retries");
         }

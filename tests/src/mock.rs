@@ -666,14 +666,16 @@ impl Mock {
             if done {
                 return None;
             }
-            if abort_after.is_some_and(|a| i >= a) {
-                // An error frame makes hyper reset the connection: the client sees a cut stream.
-                return Some((Err(std::io::Error::other("mock: stream aborted on purpose")), (it, i, true)));
-            }
-            let ev = it.next()?;
+            let abort = abort_after.is_some_and(|a| i >= a);
+            let ev = if abort { None } else { Some(it.next()?) };
+            // The pause comes before an abort too, so the events before it reach the client first.
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            let Some(ev) = ev else {
+                // An error frame makes hyper reset the connection: the client sees a cut stream.
+                return Some((Err(std::io::Error::other("mock: stream aborted on purpose")), (it, i, true)));
+            };
             Some((Ok(Frame::data(ev)), (it, i + 1, false)))
         });
         let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));

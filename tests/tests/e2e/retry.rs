@@ -113,6 +113,7 @@ fn a_refused_connection_with_no_key_left_is_a_json_503() {
     let resp = r.chat("gpt-4o");
     assert_eq!(resp.status, 503, "{}", resp.describe());
     assert_eq!(resp.error_type().as_deref(), Some("service_unavailable_error"), "Envoy's reply is OpenAI JSON: {}", resp.describe());
+    assert_eq!(resp.error_code().as_deref(), Some("no_credential_available"), "{}", resp.describe());
     assert!(resp.elapsed < Duration::from_secs(3), "{:?}", resp.elapsed);
     assert_eq!(
         metric_value(&r.metrics(), "auto_ai_router_requests_total", &[("credential", "dead"), ("status", "502")]),
@@ -161,7 +162,7 @@ fn a_single_key_429_goes_to_the_client_after_one_attempt() {
 fn an_sse_stream_cut_mid_way_is_not_retried() {
     let a = mock("a", KEY_A, &["gpt-4o"]);
     let b = mock("b", KEY_B, &["gpt-4o"]);
-    control(&a, json!({"abort_stream_after": 1, "chunk_delay_ms": 0}));
+    control(&a, json!({"abort_stream_after": 1, "chunk_delay_ms": 200}));
     let r = Router::start(&config("", &[cred("cred_a", KEY_A, &a.url(), -1), cred("cred_b", KEY_B, &b.url(), -1)]));
     let req = Request::post("/v1/chat/completions")
         .bearer(MASTER)
