@@ -40,6 +40,9 @@ const CLUSTER_ACTION_TYPE: &str = "type.googleapis.com/envoy.extensions.router.c
 /// sent but before any response byte), after which the upstream filter also chose the next one.
 /// Envoy never retries once response headers went to the client (an SSE stream is never restarted).
 pub const RETRY_ON: &str = "retriable-headers,connect-failure,reset-before-request,reset";
+/// Envoy's filter-state key for the filter's `set_property(PLAN_PROPERTY)` (wasm properties are
+/// kept under `wasm.<name>`, as [`retry_contract::NEXT_FILTER_STATE`] is for `NEXT_PROPERTY`).
+pub const PLAN_FILTER_STATE: &str = "wasm.auto_ai_router_plan";
 /// Concurrent retries per cluster: retries go to other credentials, so a key that fails under
 /// load should be able to move all its traffic (Envoy's default is 3; overflow means no retry).
 pub const MAX_CONCURRENT_RETRIES: u32 = 1000;
@@ -427,9 +430,33 @@ fn endpoint_cluster(name: &str, host: &str, port: u16) -> Value {
 /// VM and configuration string as the downstream filter (one VM per worker, shared data shared;
 /// one identical string gives one upstream root context per worker), its own root id, then the
 /// codec Envoy requires last.
+///
+/// The wasm filter is skipped (`match_delegate`, `SkipFilter`) for requests without the filter's
+/// plan in filter state: the filter's own `/v1/models` fetches through these clusters. Envoy
+/// creates the upstream filter's context synchronously inside `dispatch_http_call`, re-entering
+/// the VM from the root's `on_tick`, and the proxy-wasm 0.2.5 SDK panics there ("RefCell already
+/// mutably borrowed"; checked on Envoy 1.40: the fetch failed and the VM trapped). A skipped
+/// filter never gets a context. Router requests always have a plan (no plan: no route, 503 NC).
 fn upstream_filters(p: &Prepared, o: &RenderOptions) -> Value {
+    let wasm = wasm_filter(UPSTREAM_FILTER_NAME, retry_contract::UPSTREAM_ROOT_ID, &p.plugin_json(), &o.wasm_path, &p.env_names());
+    let no_plan = json!({"not_matcher": {"single_predicate": {
+        "input": {"name": "plan", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.FilterStateInput",
+            "key": PLAN_FILTER_STATE,
+        }},
+        "value_match": {"safe_regex": {"google_re2": {}, "regex": "(?s).*"}},
+    }}});
     json!([
-        wasm_filter(UPSTREAM_FILTER_NAME, retry_contract::UPSTREAM_ROOT_ID, &p.plugin_json(), &o.wasm_path, &p.env_names()),
+        {"name": UPSTREAM_FILTER_NAME, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": wasm,
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": no_plan,
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter",
+                }}},
+            }]}},
+        }},
         {"name": "envoy.filters.http.upstream_codec",
          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
     ])
@@ -758,7 +785,16 @@ mod tests {
             let filters = at(proto, "/http_filters").as_array().unwrap();
             assert_eq!(filters.len(), 2, "{name}");
             assert_eq!(filters[0]["name"], UPSTREAM_FILTER_NAME);
-            let up = at(&filters[0], "/typed_config/config");
+            // Skipped for requests without a plan (the filter's own model-list fetches).
+            let delegate = at(&filters[0], "/typed_config");
+            assert_eq!(delegate["@type"], "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher");
+            let m = at(delegate, "/xds_matcher/matcher_list/matchers/0");
+            assert_eq!(at(m, "/predicate/not_matcher/single_predicate/input/typed_config/key"), PLAN_FILTER_STATE);
+            assert_eq!(
+                at(m, "/on_match/action/typed_config/@type"),
+                "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
+            );
+            let up = at(delegate, "/extension_config/typed_config/config");
             assert_eq!(up["root_id"], retry_contract::UPSTREAM_ROOT_ID);
             assert_ne!(up["root_id"], downstream["root_id"]);
             // Same VM (vm_id, code, env keys), same configuration string, same failure policy.
@@ -836,6 +872,12 @@ mod tests {
             assert!(!text.contains(needle), "{needle} in a bootstrap without retries");
         }
         assert_eq!(route(&b, "health")["route"]["cluster_header"], CLUSTER_HEADER);
+    }
+
+    #[test]
+    fn filter_state_keys_follow_the_property_names() {
+        assert_eq!(PLAN_FILTER_STATE, format!("wasm.{}", retry_contract::PLAN_PROPERTY));
+        assert_eq!(retry_contract::NEXT_FILTER_STATE, format!("wasm.{}", retry_contract::NEXT_PROPERTY));
     }
 
     #[test]

@@ -279,3 +279,20 @@ fn remaining_requests_0_on_a_200_rests_the_key_until_its_reset() {
     });
     assert!(rested_at.elapsed() >= Duration::from_millis(1500), "a came back after {:?}", rested_at.elapsed());
 }
+
+#[test]
+fn an_upstream_timeout_counts_as_504_for_its_key() {
+    let slow = mock("slow", KEY_A, &["gpt-4o"]);
+    control(&slow, json!({"delay_ms": 4000}));
+    let r = Router::start(&config("  request_timeout: 1s\n", &[cred("slow", KEY_A, &slow.url(), -1)]));
+    let resp = r.chat("gpt-4o");
+    assert_eq!((resp.status, resp.error_code().as_deref()), (504, Some("upstream_timeout")), "{}", resp.describe());
+    let m = r.metrics();
+    // One attempt (the route timeout bounds all attempts together), counted as the timeout it was.
+    assert_eq!(metric_value(&m, "auto_ai_router_requests_total", &[("credential", "slow")]), Some(1.0), "{}", grep(&m));
+    assert_eq!(metric_value(&m, "auto_ai_router_requests_total", &[("credential", "slow"), ("status", "504")]), Some(1.0), "{}", grep(&m));
+}
+
+fn grep(m: &str) -> String {
+    m.lines().filter(|l| l.contains("auto_ai_router_requests_total")).collect::<Vec<_>>().join("\n")
+}
