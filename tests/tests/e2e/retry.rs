@@ -296,3 +296,33 @@ fn an_upstream_timeout_counts_as_504_for_its_key() {
 fn grep(m: &str) -> String {
     m.lines().filter(|l| l.contains("auto_ai_router_requests_total")).collect::<Vec<_>>().join("\n")
 }
+
+#[test]
+fn a_client_that_hangs_up_is_not_a_provider_failure() {
+    use std::io::Write;
+    let slow = mock("slow", KEY_A, &["gpt-4o"]);
+    control(&slow, json!({"delay_ms": 1500}));
+    let r = Router::start(&config("", &[cred("slow", KEY_A, &slow.url(), -1), "fail2ban:\n  max_attempts: 3\n".into()]));
+    let body = serde_json::to_vec(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}]})).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {MASTER}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        r.addr,
+        body.len()
+    );
+    // Three clients give up while the provider is still thinking (a "stop" button, a client timeout).
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(r.addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, h) = r.health();
+    assert_eq!(h["credentials_banned"], 0, "cancelled requests banned the key: {h}");
+    let m = r.metrics();
+    assert_eq!(metric_value(&m, "auto_ai_router_credential_errors_total", &[("credential", "slow")]).unwrap_or(0.0), 0.0, "{}", grep(&m));
+    control(&slow, json!({"delay_ms": 0}));
+    let resp = r.chat("gpt-4o");
+    assert_eq!(resp.status, 200, "{}", resp.describe());
+}
