@@ -28,6 +28,9 @@ pub enum Action {
 
 pub trait Host: SharedStore {
     fn now_ms(&self) -> u64;
+    fn now_us(&self) -> u64 {
+        self.now_ms().saturating_mul(1000)
+    }
     fn log(&self, level: LogLevel, message: &str);
 
     /// All request headers in one call (one host crossing instead of one per header).

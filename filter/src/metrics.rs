@@ -14,6 +14,9 @@ pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";
 /// A failed attempt retried on another credential: `{credential, reason}` (the status, or
 /// `connect_failure`).
 pub const RETRIES_TOTAL: &str = "auto_ai_router_retries_total";
+/// Microseconds the router held a request before it was routed or answered (from its request
+/// headers to the routing decision or the local reply; includes waiting for the body).
+pub const OVERHEAD: &str = "auto_ai_router_overhead_microseconds";
 pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
 
 /// Label keys, for the renderer's `stats_tags`.

@@ -54,6 +54,7 @@ pub struct Request {
     /// and dropped, so a worker's memory does not grow to the largest body it has seen.
     scanner: Option<Box<body_scan::Scanner>>,
     start_ms: u64,
+    start_us: u64,
     /// The response status was accounted (once per request).
     accounted: bool,
 }
@@ -208,6 +209,7 @@ impl Request {
     fn reply_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, status: u16, body: &str, reason: &'static str, extra: &[(&str, &str)]) -> Action {
         self.phase = Phase::Replied;
         if let Some(rt) = rt {
+            self.record_overhead(rt, host);
             rt.increment(host, HotKey::Rejections(reason));
             rt.log(host, LogLevel::Debug, || format!("auto-ai-router: {status} for {} ({reason})", self.endpoint));
         }
@@ -219,6 +221,12 @@ impl Request {
             }
         }
         Action::Pause
+    }
+
+    fn record_overhead(&self, rt: &Runtime, host: &dyn Host) {
+        if self.start_us > 0 {
+            rt.record(host, HotKey::Overhead, host.now_us().saturating_sub(self.start_us));
+        }
     }
 
     fn ok_json(&mut self, host: &dyn Host, status: u16, body: &str) -> HostResult<Action> {
@@ -252,7 +260,8 @@ impl Request {
         let Some(rt) = rt else {
             return Ok(self.reply(None, host, 503, "The router is not configured; see Envoy's log.", Some("router_not_configured"), "no_credential", &[]));
         };
-        self.start_ms = host.now_ms();
+        self.start_us = host.now_us();
+        self.start_ms = self.start_us / 1000;
         match route {
             Route::Health => {
                 let h = balancer::health(host, &rt.keys, self.start_ms);
@@ -353,6 +362,7 @@ impl Request {
                 rt.log(host, LogLevel::Debug, || format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name));
                 self.phase = Phase::Routed { index };
                 self.model = model;
+                self.record_overhead(rt, host);
                 Ok(Action::Continue)
             }
             Selection::RateLimited { retry_after } => {

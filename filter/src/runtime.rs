@@ -40,6 +40,7 @@ pub enum HotKey {
     Rejections(&'static str),
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
+    Overhead,
 }
 
 impl Runtime {
@@ -101,6 +102,7 @@ impl Runtime {
                 let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint), ("status", status.as_str())];
                 self.metric(host, MetricKind::Counter, metrics::REQUESTS_TOTAL, &labels)
             }
+            HotKey::Overhead => self.metric(host, MetricKind::Histogram, metrics::OVERHEAD, &[]),
             HotKey::Duration(i, endpoint) => {
                 let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint)];
                 self.metric(host, MetricKind::Histogram, metrics::REQUEST_DURATION, &labels)

@@ -207,3 +207,19 @@ fn a_body_that_is_not_json_is_refused_before_it_ends() {
     let (status, v) = reply_json(&h);
     assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_json")));
 }
+
+#[test]
+fn the_overhead_histogram_records_routed_and_refused_requests() {
+    let rt = runtime("", -1);
+    let store = Rc::new(MemStore::default());
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    h.now_ms.set(5_000);
+    run(&rt, &h);
+    assert!(h.metrics.borrow().contains_key("auto_ai_router_overhead_microseconds"), "{:?}", h.metrics.borrow().keys().collect::<Vec<_>>());
+    let mut headers = chat_headers("r");
+    headers[3].1 = "Bearer wrong".into();
+    let h = host(&store, &headers, b"");
+    h.now_ms.set(6_000);
+    Request::default().on_request_headers(Some(&rt), &h, true);
+    assert!(h.metrics.borrow().contains_key("auto_ai_router_overhead_microseconds"), "a local reply is timed too");
+}

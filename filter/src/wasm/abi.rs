@@ -116,13 +116,17 @@ pub fn log(level: LogLevel, message: &str) {
     let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
 }
 
-pub fn now_ms() -> u64 {
+pub fn now_ns() -> u64 {
     let mut ns = 0u64;
     // SAFETY: out-pointer to a local.
     match unsafe { proxy_get_current_time_nanoseconds(&mut ns) } {
-        OK => ns / 1_000_000,
+        OK => ns,
         _ => 0,
     }
+}
+
+pub fn now_ms() -> u64 {
+    now_ns() / 1_000_000
 }
 
 /// The host for every context: stateless, each call acts on the current context.
@@ -156,6 +160,10 @@ impl SharedStore for WasmHost {
 impl Host for WasmHost {
     fn now_ms(&self) -> u64 {
         now_ms()
+    }
+
+    fn now_us(&self) -> u64 {
+        now_ns() / 1000
     }
 
     fn log(&self, level: LogLevel, message: &str) {
