@@ -220,6 +220,7 @@ fn the_overhead_histogram_records_routed_and_refused_requests() {
     headers[3].1 = "Bearer wrong".into();
     let h = host(&store, &headers, b"");
     h.now_ms.set(6_000);
+    let rt = runtime("", -1); // (metric ids are cached per runtime; a fresh host needs a fresh one)
     Request::default().on_request_headers(Some(&rt), &h, true);
     assert!(h.metrics.borrow().contains_key("auto_ai_router_overhead_microseconds"), "a local reply is timed too");
 }
