@@ -276,7 +276,6 @@ impl Request {
         }
         match route {
             Route::ListModels if rt.cfg.server.replace_v1_models => {
-                rt.refresh_index(host);
                 let body = rt.index.borrow().list_json();
                 self.ok_json(host, 200, &body)
             }
@@ -286,7 +285,6 @@ impl Request {
                 self.ok_json(host, 200, &balancer::credential_states_json(&states, now))
             }
             Route::GetModel(id) if rt.cfg.server.replace_v1_models => {
-                rt.refresh_index(host);
                 let entry = rt.index.borrow().get(&id).map(ModelIndex::entry_json);
                 match entry {
                     Some(body) => self.ok_json(host, 200, &body),
@@ -333,7 +331,6 @@ impl Request {
     }
 
     fn route_to(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>) -> HostResult<Action> {
-        rt.refresh_index(host);
         let now = host.now_ms();
         let selection = {
             let index = rt.index.borrow();

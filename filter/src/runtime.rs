@@ -160,6 +160,8 @@ impl Runtime {
         self.cfg.server.max_provider_retries > 0
     }
 
+    /// Reloads the model index if the lists changed. Runs on the 1 s tick (and right after this
+    /// VM stored a list), not per request: routing sees a new list at most a second late.
     pub fn refresh_index(&self, host: &dyn Host) {
         if self.cfg.server.replace_v1_models {
             self.index.borrow_mut().refresh(host, &self.keys);

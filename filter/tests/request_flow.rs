@@ -150,10 +150,14 @@ fn a_model_nobody_serves_is_404_model_not_found() {
     let entry = |id: &str| filter::models_index::ModelEntry { id: id.into(), created: 0, owned_by: String::new() };
     filter::models_index::store_list(&*store, &keys[0].models, &[entry("gpt-4o")]).unwrap();
     let h = host(&store, &chat_headers("r"), br#"{"model":"ghost"}"#);
+    rt.refresh_index(&h); // the 1 s tick
     assert_eq!(run(&rt, &h).1, Action::Continue);
     assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c2"));
     filter::models_index::store_list(&*store, &keys[1].models, &[entry("claude")]).unwrap();
     let h = host(&store, &chat_headers("r"), br#"{"model":"ghost"}"#);
+    let before = rt.index.borrow().serves(1, "ghost");
+    rt.refresh_index(&h);
+    assert!(before && !rt.index.borrow().serves(1, "ghost"), "routing sees a new list on the tick, not per request");
     run(&rt, &h);
     let (status, v) = reply_json(&h);
     assert_eq!(status, 404, "a client error: OpenAI SDKs don't retry it");
