@@ -6,6 +6,12 @@ pub const REQUESTS_TOTAL: &str = "auto_ai_router_requests_total";
 pub const REQUEST_DURATION: &str = "auto_ai_router_requests_duration_milliseconds";
 pub const CREDENTIAL_RPM_CURRENT: &str = "auto_ai_router_credential_rpm_current";
 pub const CREDENTIAL_BANNED: &str = "auto_ai_router_credential_banned";
+/// 1 while a provider asked us to rest the key (Retry-After and friends), else 0.
+pub const CREDENTIAL_COOLDOWN: &str = "auto_ai_router_credential_cooldown";
+/// Tokens the providers reported: `{credential, model, type}` with type `prompt` / `completion`.
+pub const TOKENS_TOTAL: &str = "auto_ai_router_tokens_total";
+/// Answers that reported no usage (a stream without `include_usage`, a provider without `usage`).
+pub const USAGE_MISSING_TOTAL: &str = "auto_ai_router_usage_missing_total";
 pub const CREDENTIAL_ERRORS_TOTAL: &str = "auto_ai_router_credential_errors_total";
 pub const REJECTIONS_TOTAL: &str = "auto_ai_router_rejections_total";
 pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";

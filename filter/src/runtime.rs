@@ -33,6 +33,7 @@ pub struct Runtime {
 pub enum HotKey {
     RpmCurrent(usize),
     Banned(usize),
+    Cooldown(usize),
     Errors(usize),
     StateConflicts(usize),
     /// A retry away from a credential: the failed status (0 = no response).
@@ -89,6 +90,7 @@ impl Runtime {
         let id = match key {
             HotKey::RpmCurrent(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_RPM_CURRENT, &cred(i)),
             HotKey::Banned(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_BANNED, &cred(i)),
+            HotKey::Cooldown(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_COOLDOWN, &cred(i)),
             HotKey::Errors(i) => self.metric(host, MetricKind::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &cred(i)),
             HotKey::StateConflicts(i) => self.metric(host, MetricKind::Counter, metrics::STATE_CONFLICTS_TOTAL, &cred(i)),
             HotKey::Retries(i, status) => {
@@ -170,8 +172,9 @@ impl Runtime {
 
     pub fn update_gauges(&self, host: &dyn Host, now: u64) {
         for (i, k) in self.keys.iter().enumerate() {
-            let banned = balancer::ban_state(host, &k.ban, now).is_some_and(|r| r.is_banned(now));
-            self.record(host, HotKey::Banned(i), banned as u64);
+            let state = balancer::ban_state(host, &k.ban, now).unwrap_or_default();
+            self.record(host, HotKey::Banned(i), state.is_banned(now) as u64);
+            self.record(host, HotKey::Cooldown(i), state.in_cooldown(now) as u64);
             self.record(host, HotKey::RpmCurrent(i), balancer::rpm_current(host, k, now) as u64);
         }
     }
