@@ -567,6 +567,7 @@ mod tests {
         assert_eq!(read(Format::Sse, b"data: {\"x\":{\"response\":{\"usage\":{\"prompt_tokens\":1}}}}\n"), None);
         assert_eq!(read(Format::Sse, b"data: {\"response\":{\"x\":{\"usage\":{\"prompt_tokens\":1}}}}\n"), None);
         assert_eq!(read(Format::Sse, b"data: {\"response\":{\"usage\":{\"prompt_tokens\":1}}}\n").map(|u| u.prompt), Some(1));
+        assert_eq!(read(Format::Sse, b"data: {\"response\":{},\"x\":{\"usage\":{\"prompt_tokens\":1}}}\n"), None);
     }
 
     #[test]
