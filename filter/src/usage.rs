@@ -27,7 +27,8 @@
 //! when reported, else prompt + completion.
 //!
 //! The scan does not validate JSON (the client judges the body, we only count): on valid JSON it
-//! finds what `serde_json::Value` would (`tests/usage.rs` checks that differentially), on anything
+//! finds the `usage` that `serde_json::Value` holds, within the rules above (`tests/usage.rs`
+//! checks that differentially); on anything
 //! else it never panics and stays within its bounds. Keys are compared decoded (`"us\u0061ge"` is
 //! `usage`). Strings, where most of a body's bytes are, are skipped with `memchr`.
 
