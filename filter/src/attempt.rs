@@ -182,7 +182,6 @@ impl Attempt {
         if !failed || attempts > server.max_provider_retries as usize {
             return;
         }
-        rt.refresh_index(host);
         let selection = {
             let idx = rt.index.borrow();
             let model_aware = server.replace_v1_models;

@@ -18,6 +18,8 @@ pub const CURSOR_KEY: &str = "aar/rr";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateKeys {
     pub rate: String,
+    /// TPM windows (the credential's and per model), charged when a response reports usage.
+    pub tokens: String,
     pub ban: String,
     pub models: String,
 }
@@ -34,6 +36,7 @@ impl StateKeys {
         let p = fx(|h| (policy.max_attempts, format!("{:?}", policy.ban_duration), &policy.error_codes).hash(h));
         StateKeys {
             rate: format!("aar/rpm/{}/{id:016x}", c.name),
+            tokens: format!("aar/tpm/{}/{id:016x}", c.name),
             ban: format!("aar/ban/{}/{id:016x}/{p:08x}", c.name),
             models: format!("aar/models/list/{}/{id:016x}", c.name),
         }
@@ -169,6 +172,23 @@ pub fn select(
                 continue;
             }
         }
+        let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
+        if cred.tpm != Rpm::Unlimited || model_tpm.is_some_and(|(_, l)| l != Rpm::Unlimited) {
+            match read(store, &key.tokens, RateRecord::decode) {
+                Ok(Some(mut r)) => {
+                    r.prune(now_s);
+                    if let Err(wait) = r.check_tokens(now_s, cred.tpm, model_tpm) {
+                        retry_after = Some(retry_after.map_or(wait, |x| x.min(wait)));
+                        continue;
+                    }
+                }
+                // Unreadable or corrupt (reset when the next usage is charged): refused this once.
+                _ => {
+                    busy += 1;
+                    continue;
+                }
+            }
+        }
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
             return chosen(i, 0);
         }
@@ -219,6 +239,31 @@ pub fn record_status(
     })
 }
 
+/// Charges the tokens a response reported to the credential's TPM windows (its own when it has a
+/// `tpm`, the model's when the model has one). Nothing is written for unlimited ones.
+pub fn charge_tokens(store: &dyn SharedStore, cfg: &Config, index: usize, key: &StateKeys, model: Option<&str>, tokens: u64, now_ms: u64) -> Result<(), UpdateError> {
+    let Some(cred) = cfg.credentials.get(index) else { return Ok(()) };
+    let credential_limited = cred.tpm != Rpm::Unlimited;
+    let model = model.filter(|m| cfg.model_tpm(m) != Rpm::Unlimited);
+    if !credential_limited && model.is_none() || tokens == 0 {
+        return Ok(());
+    }
+    let n = u32::try_from(tokens).unwrap_or(u32::MAX);
+    cas_update(store, &key.tokens, RateRecord::decode, RateRecord::encode, |r| {
+        r.prune(now_ms / 1000);
+        r.charge_tokens(now_ms / 1000, n, credential_limited, model);
+        (true, ())
+    })
+}
+
+/// Tokens in the credential's current TPM window (0 when it keeps none).
+pub fn tpm_current(store: &dyn SharedStore, key: &StateKeys, now_ms: u64) -> u32 {
+    let Ok((Some(bytes), _)) = store.get(&key.tokens) else { return 0 };
+    let Some(mut w) = RateRecord::decode_credential(&bytes) else { return 0 };
+    w.prune(now_ms / 1000);
+    w.count()
+}
+
 /// One credential as operators see it (`GET /v1/credentials`): never its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialState {
@@ -228,6 +273,8 @@ pub struct CredentialState {
     pub consecutive_errors: u32,
     pub rpm_used: u32,
     pub rpm_limit: Rpm,
+    pub tpm_used: u32,
+    pub tpm_limit: Rpm,
 }
 
 impl CredentialState {
@@ -255,12 +302,14 @@ pub fn credential_states(store: &dyn SharedStore, cfg: &Config, keys: &[StateKey
                 consecutive_errors: r.errors,
                 rpm_used: rpm_current(store, k, now_ms),
                 rpm_limit: c.rpm,
+                tpm_used: tpm_current(store, k, now_ms),
+                tpm_limit: c.tpm,
             }
         })
         .collect()
 }
 
-/// `{"object":"list","data":[{"name","status","banned_until","cooldown_until","consecutive_errors","rpm":{"used","limit"}}]}`;
+/// `{"object":"list","data":[{"name","status","banned_until","cooldown_until","consecutive_errors","rpm":{"used","limit"},"tpm":{"used","limit"}}]}`;
 /// times are Unix seconds (null when not set; a permanent ban is "permanent").
 pub fn credential_states_json(states: &[CredentialState], now_ms: u64) -> String {
     let time = |ms: u64| match ms {
@@ -273,14 +322,16 @@ pub fn credential_states_json(states: &[CredentialState], now_ms: u64) -> String
         .iter()
         .map(|s| {
             format!(
-                "{{\"name\":{},\"status\":\"{}\",\"banned_until\":{},\"cooldown_until\":{},\"consecutive_errors\":{},\"rpm\":{{\"used\":{},\"limit\":{}}}}}",
+                "{{\"name\":{},\"status\":\"{}\",\"banned_until\":{},\"cooldown_until\":{},\"consecutive_errors\":{},\"rpm\":{{\"used\":{},\"limit\":{}}},\"tpm\":{{\"used\":{},\"limit\":{}}}}}",
                 crate::errors::json_string(&s.name),
                 s.status(now_ms),
                 time(s.banned_until_ms),
                 time(s.cooldown_until_ms),
                 s.consecutive_errors,
                 s.rpm_used,
-                s.rpm_limit.as_i64()
+                s.rpm_limit.as_i64(),
+                s.tpm_used,
+                s.tpm_limit.as_i64()
             )
         })
         .collect();
@@ -581,5 +632,34 @@ mod tests {
         let k = StateKeys::for_config(&c);
         assert!(matches!(select(&s, &c, &k, None, &all, &[0, 1], 0), Selection::Chosen { index: 2, .. }));
         assert_eq!(select(&s, &c, &k, Some("m"), &all, &[0, 1, 2], 0), Selection::Unavailable { banned: 0, serving: 0 }, "no key left is not a model error");
+    }
+
+    #[test]
+    fn tpm_is_checked_before_selection_and_charged_after() {
+        let text = "server: {master_key: mk, default_models_rpm: -1}\ncredentials:\n  - {name: c1, api_key: k1, base_url: 'http://h', tpm: 100}\n  - {name: c2, api_key: k2, base_url: 'http://h', tpm: 100}\n";
+        let c = load(text, &|_| None).unwrap();
+        let k = StateKeys::for_config(&c);
+        let s = MemStore::default();
+        let mut served = vec![];
+        for t in 0..5u64 {
+            match pick(&s, &c, Some("m"), t * 1000) {
+                Selection::Chosen { index, .. } => {
+                    charge_tokens(&s, &c, index, &k[index], Some("m"), 60, t * 1000).unwrap();
+                    served.push(index);
+                }
+                Selection::RateLimited { retry_after } => {
+                    assert_eq!((t, retry_after), (4, 57), "c1's 60 tokens of second 0 leave at 61 s");
+                    served.push(9);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(served, [0, 1, 0, 1, 9], "60 + 60 on each key reaches 100: the fifth is refused");
+        assert_eq!(tpm_current(&s, &k[0], 4000), 120);
+        let v: serde_json::Value = serde_json::from_str(&credential_states_json(&credential_states(&s, &c, &k, 4000), 4000)).unwrap();
+        assert_eq!((v["data"][0]["tpm"]["used"].as_u64(), v["data"][0]["tpm"]["limit"].as_i64()), (Some(120), Some(100)));
+        let unlimited = cfg(&[("u", -1)], "");
+        charge_tokens(&s, &unlimited, 0, &StateKeys::for_config(&unlimited)[0], None, 500, 0).unwrap();
+        assert!(s.get(&StateKeys::for_config(&unlimited)[0].tokens).unwrap().0.is_none(), "no window for an unlimited key");
     }
 }

@@ -6,6 +6,12 @@ pub const REQUESTS_TOTAL: &str = "auto_ai_router_requests_total";
 pub const REQUEST_DURATION: &str = "auto_ai_router_requests_duration_milliseconds";
 pub const CREDENTIAL_RPM_CURRENT: &str = "auto_ai_router_credential_rpm_current";
 pub const CREDENTIAL_BANNED: &str = "auto_ai_router_credential_banned";
+/// 1 while a provider asked us to rest the key (Retry-After and friends), else 0.
+pub const CREDENTIAL_COOLDOWN: &str = "auto_ai_router_credential_cooldown";
+/// Tokens the providers reported: `{credential, model, type}` with type `prompt` / `completion`.
+pub const TOKENS_TOTAL: &str = "auto_ai_router_tokens_total";
+/// Answers that reported no usage (a stream without `include_usage`, a provider without `usage`).
+pub const USAGE_MISSING_TOTAL: &str = "auto_ai_router_usage_missing_total";
 pub const CREDENTIAL_ERRORS_TOTAL: &str = "auto_ai_router_credential_errors_total";
 pub const REJECTIONS_TOTAL: &str = "auto_ai_router_rejections_total";
 pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";
@@ -14,10 +20,13 @@ pub const MODEL_REQUESTS_TOTAL: &str = "auto_ai_router_model_requests_total";
 /// A failed attempt retried on another credential: `{credential, reason}` (the status, or
 /// `connect_failure`).
 pub const RETRIES_TOTAL: &str = "auto_ai_router_retries_total";
+/// Microseconds the router held a request before it was routed or answered (from its request
+/// headers to the routing decision or the local reply; includes waiting for the body).
+pub const OVERHEAD: &str = "auto_ai_router_overhead_microseconds";
 pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
 
 /// Label keys, for the renderer's `stats_tags`.
-pub const LABELS: [&str; 5] = ["credential", "endpoint", "status", "model", "reason"];
+pub const LABELS: [&str; 6] = ["credential", "endpoint", "status", "model", "reason", "type"];
 
 /// Characters that would break tag extraction are replaced.
 fn push_clean(out: &mut String, value: &str) {

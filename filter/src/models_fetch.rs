@@ -134,6 +134,9 @@ impl Fetcher {
             models_index::store_list(host, &key.models, &list).map(|changed| (list.len(), changed)).map_err(|e| format!("shared data: {e:?}"))
         }) {
             Ok((n, changed)) => {
+                if changed {
+                    rt.refresh_index(host);
+                }
                 rt.log(host, LogLevel::Info, || format!("auto-ai-router: credential {name} serves {n} models{}", if changed { " (updated)" } else { "" }));
             }
             Err(e) => {

@@ -69,11 +69,19 @@ impl Window {
     }
 
     pub fn charge(&mut self, now_s: u64) {
+        self.charge_n(now_s, 1);
+    }
+
+    /// Adds `n` (tokens, for TPM windows) at `now_s`.
+    pub fn charge_n(&mut self, now_s: u64, n: u32) {
+        if n == 0 {
+            return;
+        }
         let s = now_s as u32;
         match self.buckets.last_mut() {
             // Same second, or the clock stepped back: buckets stay ascending.
-            Some((last, c)) if *last >= s => *c = c.saturating_add(1),
-            _ => self.buckets.push((s, 1)),
+            Some((last, c)) if *last >= s => *c = c.saturating_add(n),
+            _ => self.buckets.push((s, n)),
         }
     }
 
@@ -196,6 +204,43 @@ impl RateRecord {
             }
         }
         Ok(())
+    }
+
+    /// TPM: `Ok` while the credential's tokens in the window, and the (credential, model)'s, are
+    /// below their limits; else the seconds until they are. Read-only (tokens are charged when
+    /// the response reports them). The record must be pruned first.
+    pub fn check_tokens(&self, now_s: u64, credential_tpm: Rpm, model: Option<(&str, Rpm)>) -> Result<(), u64> {
+        let cred = self.credential.check(now_s, credential_tpm);
+        let model = match model {
+            Some((name, limit @ Rpm::Limit(_))) => self.model_window(name).map_or(Ok(()), |w| w.check(now_s, limit)),
+            _ => Ok(()),
+        };
+        match (cred, model) {
+            (Err(a), Err(b)) => Err(a.max(b)),
+            (Err(a), _) | (_, Err(a)) => Err(a),
+            _ => Ok(()),
+        }
+    }
+
+    /// TPM: charges `tokens` to the credential window (when it has a limit) and to the
+    /// (credential, model) window (when given). A model that can't get a window (too many in the
+    /// last minute) is charged to the credential only.
+    pub fn charge_tokens(&mut self, now_s: u64, tokens: u32, credential_limited: bool, model: Option<&str>) {
+        if credential_limited {
+            self.credential.charge_n(now_s, tokens);
+        }
+        let Some(name) = model else { return };
+        let id = model_id(name);
+        let full = self.models.len() >= MAX_MODEL_WINDOWS;
+        match self.models.iter_mut().find(|(m, _)| *m == id) {
+            Some((_, w)) => w.charge_n(now_s, tokens),
+            None if !full => {
+                let mut w = Window::default();
+                w.charge_n(now_s, tokens);
+                self.models.push((id, w));
+            }
+            None => {}
+        }
     }
 
     pub fn encoded_len(&self) -> usize {
@@ -399,5 +444,21 @@ mod tests {
             assert!(n <= limit as usize, "{n} admissions in the 60 s from {start} ms: {admitted_ms:?}");
         }
         assert_eq!(admitted_ms.iter().filter(|&&a| a >= 61_000).count(), 2, "the slots free at 61 s");
+    }
+
+    #[test]
+    fn token_windows_check_before_and_charge_after() {
+        let mut r = RateRecord::default();
+        assert_eq!(r.check_tokens(0, Rpm::Limit(100), None), Ok(()));
+        r.charge_tokens(0, 60, true, Some("m"));
+        assert_eq!(r.check_tokens(1, Rpm::Limit(100), None), Ok(()), "60 < 100: still a candidate");
+        r.charge_tokens(1, 60, true, Some("m"));
+        assert_eq!(r.check_tokens(2, Rpm::Limit(100), None), Err(59), "120 >= 100 until the 60 of second 0 leave at 61");
+        assert_eq!(r.check_tokens(2, Rpm::Unlimited, Some(("m", Rpm::Limit(200)))), Ok(()));
+        assert_eq!(r.check_tokens(2, Rpm::Unlimited, Some(("m", Rpm::Limit(120)))), Err(59));
+        r.prune(61);
+        assert_eq!(r.check_tokens(61, Rpm::Limit(100), None), Ok(()), "the first 60 left");
+        r.charge_tokens(61, 0, true, None);
+        assert_eq!(r.credential.count(), 60);
     }
 }

@@ -25,7 +25,12 @@ pub struct Runtime {
     hot_ids: RefCell<HashMap<HotKey, u32, FxBuildHasher>>,
     /// `auto_ai_router_model_requests_total` ids: model label → id per credential index.
     model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
+    /// `auto_ai_router_tokens_total` ids (prompt, completion): model label → per credential index.
+    token_ids: RefCell<HashMap<String, Vec<Option<TokenIds>>, FxBuildHasher>>,
 }
+
+/// The prompt and completion series of one (credential, model).
+type TokenIds = [u32; 2];
 
 /// A series by its label values (credential as an index): its id is looked up without building or
 /// hashing a stat name. Model series are kept apart in `model_ids` (their labels are not static).
@@ -33,6 +38,8 @@ pub struct Runtime {
 pub enum HotKey {
     RpmCurrent(usize),
     Banned(usize),
+    Cooldown(usize),
+    UsageMissing(usize),
     Errors(usize),
     StateConflicts(usize),
     /// A retry away from a credential: the failed status (0 = no response).
@@ -40,6 +47,7 @@ pub enum HotKey {
     Rejections(&'static str),
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
+    Overhead,
 }
 
 impl Runtime {
@@ -55,6 +63,7 @@ impl Runtime {
             name_buf: RefCell::new(String::new()),
             hot_ids: RefCell::new(HashMap::default()),
             model_ids: RefCell::new(HashMap::default()),
+            token_ids: RefCell::new(HashMap::default()),
         }
     }
 
@@ -88,6 +97,8 @@ impl Runtime {
         let id = match key {
             HotKey::RpmCurrent(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_RPM_CURRENT, &cred(i)),
             HotKey::Banned(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_BANNED, &cred(i)),
+            HotKey::UsageMissing(i) => self.metric(host, MetricKind::Counter, metrics::USAGE_MISSING_TOTAL, &cred(i)),
+            HotKey::Cooldown(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_COOLDOWN, &cred(i)),
             HotKey::Errors(i) => self.metric(host, MetricKind::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &cred(i)),
             HotKey::StateConflicts(i) => self.metric(host, MetricKind::Counter, metrics::STATE_CONFLICTS_TOTAL, &cred(i)),
             HotKey::Retries(i, status) => {
@@ -101,6 +112,7 @@ impl Runtime {
                 let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint), ("status", status.as_str())];
                 self.metric(host, MetricKind::Counter, metrics::REQUESTS_TOTAL, &labels)
             }
+            HotKey::Overhead => self.metric(host, MetricKind::Histogram, metrics::OVERHEAD, &[]),
             HotKey::Duration(i, endpoint) => {
                 let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint)];
                 self.metric(host, MetricKind::Histogram, metrics::REQUEST_DURATION, &labels)
@@ -122,21 +134,28 @@ impl Runtime {
         }
     }
 
-    /// Counts a (credential, model) request. Known models always get their own label; other names
-    /// do until MAX_MODEL_LABELS distinct ones, then count as "other" (a client can't grow the set).
+    /// The model label for a series: known models always get their own; other names do until
+    /// MAX_MODEL_LABELS distinct ones, then count as "other" (a client can't grow the set).
+    fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        let ids = self.model_ids.borrow();
+        let allowed = ids.contains_key(model)
+            || ids.len() < MAX_MODEL_LABELS
+            || self.cfg.models.contains_key(model)
+            || self.index.borrow().get(model).is_some();
+        if allowed {
+            model
+        } else {
+            "other"
+        }
+    }
+
+    /// Counts a (credential, model) request.
     pub fn count_model(&self, host: &dyn Host, index: usize, model: &str) {
         let cached = self.model_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
         let id = match cached {
             Some(id) => id,
             None => {
-                let allowed = {
-                    let ids = self.model_ids.borrow();
-                    ids.contains_key(model)
-                        || ids.len() < MAX_MODEL_LABELS
-                        || self.cfg.models.contains_key(model)
-                        || self.index.borrow().get(model).is_some()
-                };
-                let label = if allowed { model } else { "other" };
+                let label = self.model_label(model);
                 let labels = [("credential", self.credential_name(index)), ("model", label)];
                 let Some(id) = self.metric(host, MetricKind::Counter, metrics::MODEL_REQUESTS_TOTAL, &labels) else { return };
                 let mut ids = self.model_ids.borrow_mut();
@@ -150,6 +169,28 @@ impl Runtime {
         host.increment_metric(id, 1);
     }
 
+    /// Adds a response's reported tokens to `tokens_total{credential, model, type}`.
+    pub fn count_tokens(&self, host: &dyn Host, index: usize, model: &str, prompt: u64, completion: u64) {
+        let cached = self.token_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
+        let ids = match cached {
+            Some(ids) => ids,
+            None => {
+                let label = self.model_label(model);
+                let name = self.credential_name(index);
+                let id = |kind: &str| self.metric(host, MetricKind::Counter, metrics::TOKENS_TOTAL, &[("credential", name), ("model", label), ("type", kind)]);
+                let (Some(p), Some(c)) = (id("prompt"), id("completion")) else { return };
+                let mut cache = self.token_ids.borrow_mut();
+                let per = cache.entry(label.to_string()).or_insert_with(|| vec![None; self.cfg.credentials.len()]);
+                if let Some(slot) = per.get_mut(index) {
+                    *slot = Some([p, c]);
+                }
+                [p, c]
+            }
+        };
+        host.increment_metric(ids[0], i64::try_from(prompt).unwrap_or(i64::MAX));
+        host.increment_metric(ids[1], i64::try_from(completion).unwrap_or(i64::MAX));
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.cfg.credentials.iter().position(|c| c.name == name)
     }
@@ -158,6 +199,8 @@ impl Runtime {
         self.cfg.server.max_provider_retries > 0
     }
 
+    /// Reloads the model index if the lists changed. Runs on the 1 s tick (and right after this
+    /// VM stored a list), not per request: routing sees a new list at most a second late.
     pub fn refresh_index(&self, host: &dyn Host) {
         if self.cfg.server.replace_v1_models {
             self.index.borrow_mut().refresh(host, &self.keys);
@@ -166,8 +209,9 @@ impl Runtime {
 
     pub fn update_gauges(&self, host: &dyn Host, now: u64) {
         for (i, k) in self.keys.iter().enumerate() {
-            let banned = balancer::ban_state(host, &k.ban, now).is_some_and(|r| r.is_banned(now));
-            self.record(host, HotKey::Banned(i), banned as u64);
+            let state = balancer::ban_state(host, &k.ban, now).unwrap_or_default();
+            self.record(host, HotKey::Banned(i), state.is_banned(now) as u64);
+            self.record(host, HotKey::Cooldown(i), state.in_cooldown(now) as u64);
             self.record(host, HotKey::RpmCurrent(i), balancer::rpm_current(host, k, now) as u64);
         }
     }

@@ -18,6 +18,7 @@ const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
 const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const REQUEST_BODY: u32 = 0;
+const RESPONSE_BODY: u32 = 1;
 const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const PLUGIN_CONFIGURATION: u32 = 7;
 
@@ -116,13 +117,17 @@ pub fn log(level: LogLevel, message: &str) {
     let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
 }
 
-pub fn now_ms() -> u64 {
+pub fn now_ns() -> u64 {
     let mut ns = 0u64;
     // SAFETY: out-pointer to a local.
     match unsafe { proxy_get_current_time_nanoseconds(&mut ns) } {
-        OK => ns / 1_000_000,
+        OK => ns,
         _ => 0,
     }
+}
+
+pub fn now_ms() -> u64 {
+    now_ns() / 1_000_000
 }
 
 /// The host for every context: stateless, each call acts on the current context.
@@ -156,6 +161,10 @@ impl SharedStore for WasmHost {
 impl Host for WasmHost {
     fn now_ms(&self) -> u64 {
         now_ms()
+    }
+
+    fn now_us(&self) -> u64 {
+        now_ns() / 1000
     }
 
     fn log(&self, level: LogLevel, message: &str) {
@@ -192,6 +201,10 @@ impl Host for WasmHost {
 
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
         get_map_value(RESPONSE_HEADERS, name)
+    }
+
+    fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
+        get_buffer(RESPONSE_BODY, start, len)
     }
 
     fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {

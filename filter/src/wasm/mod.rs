@@ -77,13 +77,17 @@ impl RootContext for Root {
         self.upstream = root_id == UPSTREAM_ROOT_ID.as_bytes();
         let rt = Runtime::new(cfg);
         if self.upstream {
+            rt.refresh_index(&WasmHost);
             self.rt = Some(Rc::new(rt));
+            // Its tick only keeps the model index fresh (for the retry's next-key choice).
+            let _ = abi::set_tick_period(Duration::from_secs(1));
             return true;
         }
         rt.log(&WasmHost, LogLevel::Info, || {
             let creds: Vec<String> = rt.cfg.credentials.iter().map(|c| format!("{} ({}, key {})", c.name, c.base_url, config::mask(&c.api_key))).collect();
             format!("auto-ai-router: configured {} credentials: {}", creds.len(), creds.join(", "))
         });
+        rt.refresh_index(&WasmHost);
         self.rt = Some(Rc::new(rt));
         // Callouts of an earlier configuration would index this one's credentials.
         self.fetcher = Fetcher::new(self.fetcher.vm_no);
@@ -94,7 +98,11 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let Some(rt) = self.rt.clone().filter(|_| !self.upstream) else { return };
+        let Some(rt) = self.rt.clone() else { return };
+        rt.refresh_index(&WasmHost);
+        if self.upstream {
+            return;
+        }
         let now = abi::now_ms();
         rt.update_gauges(&WasmHost, now);
         self.fetcher.tick(&rt, &WasmHost, now);
@@ -135,6 +143,10 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         action(self.request.on_response_headers(self.rt.as_deref(), &WasmHost))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(self.request.on_response_body(self.rt.as_deref(), &WasmHost, body_size, end_of_stream))
     }
 
     fn on_log(&mut self) {

@@ -16,3 +16,4 @@ mod hostile;
 mod fault;
 mod listener;
 mod retry;
+mod tokens;
