@@ -85,7 +85,11 @@ pub fn read_plan(host: &dyn Host) -> HostResult<Option<Plan>> {
 pub fn read_hints(host: &dyn Host, status: u16) -> Hints {
     let header = |n: &str| host.response_header(n).ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned());
     if status == 429 || status == 503 {
-        return Hints { retry_after: header("retry-after"), reset_requests: header("x-ratelimit-reset-requests"), remaining_requests: None };
+        return Hints {
+            retry_after: header("retry-after"),
+            reset_requests: header("x-ratelimit-reset-requests"),
+            remaining_requests: None,
+        };
     }
     let remaining = header("x-ratelimit-remaining-requests");
     let reset = remaining.as_deref().is_some_and(|r| r.trim() == "0").then(|| header("x-ratelimit-reset-requests")).flatten();
@@ -112,7 +116,9 @@ impl Attempt {
             Ok(action) => action,
             Err(e) => {
                 if let Some(rt) = rt {
-                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: upstream attempt: host call failed with status {}; answering 503", e.0));
+                    rt.log(host, LogLevel::Error, || {
+                        format!("auto-ai-router: upstream attempt: host call failed with status {}; answering 503", e.0)
+                    });
                 }
                 self.refuse(host)
             }
@@ -132,9 +138,12 @@ impl Attempt {
         let Some(rt) = rt else { return Ok(self.refuse(host)) };
         let cluster = host.property(&["xds", "cluster_name"])?.unwrap_or_default();
         let index = std::str::from_utf8(&cluster).ok().and_then(|c| rt.index_of(c));
-        let (Some(i), Some(cred), Some(bearer)) = (index, index.and_then(|i| rt.cfg.credentials.get(i)), index.and_then(|i| rt.bearer.get(i)))
+        let (Some(i), Some(cred), Some(bearer)) =
+            (index, index.and_then(|i| rt.cfg.credentials.get(i)), index.and_then(|i| rt.bearer.get(i)))
         else {
-            rt.log(host, LogLevel::Error, || format!("auto-ai-router: upstream attempt in unknown cluster {:?}", String::from_utf8_lossy(&cluster)));
+            rt.log(host, LogLevel::Error, || {
+                format!("auto-ai-router: upstream attempt in unknown cluster {:?}", String::from_utf8_lossy(&cluster))
+            });
             return Ok(self.refuse(host));
         };
         host.set_request_header("authorization", Some(bearer.as_bytes()))?;
@@ -245,17 +254,24 @@ impl Attempt {
                     if let BanEvent::Banned { .. } = event {
                         rt.record(host, HotKey::Banned(index), 1);
                         rt.log(host, LogLevel::Warn, || {
-                            format!("auto-ai-router: credential {} banned after {} errors (last status {status})", cred.name, rt.cfg.fail2ban.max_attempts)
+                            format!(
+                                "auto-ai-router: credential {} banned after {} errors (last status {status})",
+                                cred.name, rt.cfg.fail2ban.max_attempts
+                            )
                         });
                     }
                 }
                 Err(e) => {
                     rt.increment(host, HotKey::StateConflicts(index));
-                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: status {status} of credential {} not recorded: {e:?}", cred.name));
+                    rt.log(host, LogLevel::Error, || {
+                        format!("auto-ai-router: status {status} of credential {} not recorded: {e:?}", cred.name)
+                    });
                 }
             }
             if let Some(until) = cooldown {
-                rt.log(host, LogLevel::Info, || format!("auto-ai-router: credential {} cools down for {} ms (status {status})", cred.name, until.saturating_sub(now)));
+                rt.log(host, LogLevel::Info, || {
+                    format!("auto-ai-router: credential {} cools down for {} ms (status {status})", cred.name, until.saturating_sub(now))
+                });
             }
         }
         rt.increment(host, HotKey::Requests(index, self.endpoint, status));

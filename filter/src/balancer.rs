@@ -49,13 +49,21 @@ impl StateKeys {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
-    Chosen { index: usize, rpm_current: u32 },
+    Chosen {
+        index: usize,
+        rpm_current: u32,
+    },
     /// Every candidate was refused by an RPM window.
-    RateLimited { retry_after: u64 },
+    RateLimited {
+        retry_after: u64,
+    },
     /// No credential serves the model.
     NoModel,
     /// Serving credentials exist, but they are banned (maybe some full too).
-    Unavailable { banned: usize, serving: usize },
+    Unavailable {
+        banned: usize,
+        serving: usize,
+    },
     /// No candidate could be charged for a reason of ours, not a limit: shared-data contention,
     /// a record that was corrupt (reset now), a host error, or too many distinct models.
     Busy,
@@ -234,14 +242,23 @@ pub fn record_status(
         if let Some(until) = cooldown_until_ms {
             r.cool_down(until);
         }
-        let event = if status == 429 && cooldown_until_ms.is_some() { BanEvent::Unchanged } else { r.on_status(status, now_ms, &cfg.fail2ban) };
+        let event =
+            if status == 429 && cooldown_until_ms.is_some() { BanEvent::Unchanged } else { r.on_status(status, now_ms, &cfg.fail2ban) };
         (*r != before, event)
     })
 }
 
 /// Charges the tokens a response reported to the credential's TPM windows (its own when it has a
 /// `tpm`, the model's when the model has one). Nothing is written for unlimited ones.
-pub fn charge_tokens(store: &dyn SharedStore, cfg: &Config, index: usize, key: &StateKeys, model: Option<&str>, tokens: u64, now_ms: u64) -> Result<(), UpdateError> {
+pub fn charge_tokens(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    index: usize,
+    key: &StateKeys,
+    model: Option<&str>,
+    tokens: u64,
+    now_ms: u64,
+) -> Result<(), UpdateError> {
     let Some(cred) = cfg.credentials.get(index) else { return Ok(()) };
     let credential_limited = cred.tpm != Rpm::Unlimited;
     let model = model.filter(|m| cfg.model_tpm(m) != Rpm::Unlimited);
@@ -457,7 +474,10 @@ mod tests {
         ban(&s, &c, 0);
         ban(&s, &c, 1);
         assert_eq!(pick(&s, &c, Some("m"), 0), Selection::Unavailable { banned: 2, serving: 2 });
-        assert_eq!(health(&s, &StateKeys::for_config(&c), 0).to_json(), r#"{"credentials_available":0,"credentials_banned":2,"status":"unhealthy","total_credentials":2}"#);
+        assert_eq!(
+            health(&s, &StateKeys::for_config(&c), 0).to_json(),
+            r#"{"credentials_available":0,"credentials_banned":2,"status":"unhealthy","total_credentials":2}"#
+        );
     }
 
     #[test]
@@ -566,9 +586,17 @@ mod tests {
         assert!(matches!(pick(&s, &c, None, 0), Selection::Chosen { index: 0, rpm_current: 1 }));
         s.set(&k[0].ban, b"\x01", 0).unwrap();
         assert_eq!(pick(&s, &c, None, 1000), Selection::Busy);
-        assert_eq!(pick(&s, &c, None, 2000), Selection::RateLimited { retry_after: 59 }, "the ban record is clean again; the window is full");
+        assert_eq!(
+            pick(&s, &c, None, 2000),
+            Selection::RateLimited { retry_after: 59 },
+            "the ban record is clean again; the window is full"
+        );
         s.set(CURSOR_KEY, b"xyz", 0).unwrap();
-        assert_eq!(pick(&s, &c, None, 3000), Selection::RateLimited { retry_after: 58 }, "a corrupt cursor is fairness only: selection goes on");
+        assert_eq!(
+            pick(&s, &c, None, 3000),
+            Selection::RateLimited { retry_after: 58 },
+            "a corrupt cursor is fairness only: selection goes on"
+        );
         assert_eq!(read(&s, CURSOR_KEY, decode_cursor).unwrap(), Some(0), "and it was reset");
     }
 
@@ -631,7 +659,11 @@ mod tests {
         let s = MemStore::default();
         let k = StateKeys::for_config(&c);
         assert!(matches!(select(&s, &c, &k, None, &all, &[0, 1], 0), Selection::Chosen { index: 2, .. }));
-        assert_eq!(select(&s, &c, &k, Some("m"), &all, &[0, 1, 2], 0), Selection::Unavailable { banned: 0, serving: 0 }, "no key left is not a model error");
+        assert_eq!(
+            select(&s, &c, &k, Some("m"), &all, &[0, 1, 2], 0),
+            Selection::Unavailable { banned: 0, serving: 0 },
+            "no key left is not a model error"
+        );
     }
 
     #[test]

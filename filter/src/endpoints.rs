@@ -18,14 +18,8 @@ pub enum Route {
 }
 
 /// Endpoints whose JSON body must carry `model`.
-pub const INFERENCE: [&str; 6] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/images/generations",
-    "/v1/audio/speech",
-];
+pub const INFERENCE: [&str; 6] =
+    ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/images/generations", "/v1/audio/speech"];
 
 /// Further endpoints with their own metric label; everything else is "other" (labels stay bounded).
 const LABELLED: [&str; 5] = ["/v1/audio/transcriptions", "/v1/moderations", "/v1/models", "/v1/credentials", "/health"];

@@ -22,8 +22,12 @@ const LEN: usize = 21;
 pub enum BanEvent {
     Unchanged,
     /// The error count moved (up, or back to 0).
-    Counted { errors: u32 },
-    Banned { until_ms: u64 },
+    Counted {
+        errors: u32,
+    },
+    Banned {
+        until_ms: u64,
+    },
     /// The response arrived while the credential was banned.
     Ignored,
 }

@@ -58,10 +58,16 @@ impl Lease {
 
 /// A distinct number for this VM (the election's identity); 0 if shared data failed.
 pub fn vm_number(host: &dyn Host) -> u32 {
-    cas_update(host, VM_SEQ_KEY, |b| b.try_into().ok().map(u32::from_le_bytes), |n| n.to_le_bytes().to_vec(), |n| {
-        *n = n.wrapping_add(1).max(1);
-        (true, *n)
-    })
+    cas_update(
+        host,
+        VM_SEQ_KEY,
+        |b| b.try_into().ok().map(u32::from_le_bytes),
+        |n| n.to_le_bytes().to_vec(),
+        |n| {
+            *n = n.wrapping_add(1).max(1);
+            (true, *n)
+        },
+    )
     .unwrap_or(0)
 }
 
@@ -106,7 +112,9 @@ impl Fetcher {
                 }
                 Err(e) => {
                     self.failed = true;
-                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: models fetch for credential {} could not start: status {}", c.name, e.0));
+                    rt.log(host, LogLevel::Error, || {
+                        format!("auto-ai-router: models fetch for credential {} could not start: status {}", c.name, e.0)
+                    });
                 }
             }
         }
@@ -131,17 +139,23 @@ impl Fetcher {
         };
         let name = &c.name;
         match result.and_then(|list| {
-            models_index::store_list(host, &key.models, &list).map(|changed| (list.len(), changed)).map_err(|e| format!("shared data: {e:?}"))
+            models_index::store_list(host, &key.models, &list)
+                .map(|changed| (list.len(), changed))
+                .map_err(|e| format!("shared data: {e:?}"))
         }) {
             Ok((n, changed)) => {
                 if changed {
                     rt.refresh_index(host);
                 }
-                rt.log(host, LogLevel::Info, || format!("auto-ai-router: credential {name} serves {n} models{}", if changed { " (updated)" } else { "" }));
+                rt.log(host, LogLevel::Info, || {
+                    format!("auto-ai-router: credential {name} serves {n} models{}", if changed { " (updated)" } else { "" })
+                });
             }
             Err(e) => {
                 self.failed = true;
-                rt.log(host, LogLevel::Error, || format!("auto-ai-router: models fetch for credential {name} failed: {e}; keeping the last good list"));
+                rt.log(host, LogLevel::Error, || {
+                    format!("auto-ai-router: models fetch for credential {name} failed: {e}; keeping the last good list")
+                });
             }
         }
         self.after_round(rt, host, host.now_ms());

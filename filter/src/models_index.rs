@@ -70,10 +70,16 @@ pub fn store_list(store: &dyn SharedStore, key: &str, entries: &[ModelEntry]) ->
     }
     // One writer (the elected fetcher); a takeover mid-write loses to the newer list.
     store.set(key, &bytes, write_token(current.is_some(), cas))?;
-    let _ = cas_update(store, GEN_KEY, |b| b.try_into().ok().map(u64::from_le_bytes), |g| g.to_le_bytes().to_vec(), |g| {
-        *g = g.wrapping_add(1);
-        (true, ())
-    });
+    let _ = cas_update(
+        store,
+        GEN_KEY,
+        |b| b.try_into().ok().map(u64::from_le_bytes),
+        |g| g.to_le_bytes().to_vec(),
+        |g| {
+            *g = g.wrapping_add(1);
+            (true, ())
+        },
+    );
     Ok(true)
 }
 
@@ -153,7 +159,10 @@ mod tests {
         let mut idx = ModelIndex::default();
         idx.refresh(&s, &c);
         assert!(idx.serves(0, "anything"), "never fetched serves every model");
-        let a = parse_provider_list(br#"{"object":"list","data":[{"id":"gpt-4","created":1,"owned_by":"openai"},{"id":"gpt-3.5","object":"model"}]}"#).unwrap();
+        let a = parse_provider_list(
+            br#"{"object":"list","data":[{"id":"gpt-4","created":1,"owned_by":"openai"},{"id":"gpt-3.5","object":"model"}]}"#,
+        )
+        .unwrap();
         let b = parse_provider_list(br#"{"data":[{"id":"gpt-4","created":2,"owned_by":"other"},{"id":"claude-3"}]}"#).unwrap();
         assert_eq!(store_list(&s, &c[0].models, &a), Ok(true));
         assert_eq!(store_list(&s, &c[1].models, &b), Ok(true));

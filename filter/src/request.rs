@@ -138,7 +138,11 @@ impl Request {
             status
         };
         if (200..300).contains(&status) && self.model.is_some() {
-            let format = host.response_header("content-type").ok().flatten().and_then(|c| usage::Format::from_content_type(&String::from_utf8_lossy(&c)));
+            let format = host
+                .response_header("content-type")
+                .ok()
+                .flatten()
+                .and_then(|c| usage::Format::from_content_type(&String::from_utf8_lossy(&c)));
             self.usage = format.map(|f| Box::new(usage::UsageReader::new(f)));
         }
         if rt.retries_on() {
@@ -222,14 +226,23 @@ impl Request {
                 if let BanEvent::Banned { until_ms } = event {
                     rt.record(host, HotKey::Banned(index), 1);
                     rt.log(host, LogLevel::Warn, || {
-                        let until = if until_ms == u64::MAX { "until restart".to_string() } else { format!("for {} ms", until_ms.saturating_sub(now)) };
-                        format!("auto-ai-router: credential {} banned {until} after {} errors (last status {status})", cred.name, rt.cfg.fail2ban.max_attempts)
+                        let until = if until_ms == u64::MAX {
+                            "until restart".to_string()
+                        } else {
+                            format!("for {} ms", until_ms.saturating_sub(now))
+                        };
+                        format!(
+                            "auto-ai-router: credential {} banned {until} after {} errors (last status {status})",
+                            cred.name, rt.cfg.fail2ban.max_attempts
+                        )
                     });
                 }
             }
             Err(e) => {
                 rt.increment(host, HotKey::StateConflicts(index));
-                rt.log(host, LogLevel::Error, || format!("auto-ai-router: status {status} of credential {} not recorded for fail2ban: {e:?}", cred.name));
+                rt.log(host, LogLevel::Error, || {
+                    format!("auto-ai-router: status {status} of credential {} not recorded for fail2ban: {e:?}", cred.name)
+                });
             }
         }
         rt.increment(host, HotKey::Requests(index, self.endpoint, status));
@@ -244,7 +257,9 @@ impl Request {
             Ok(action) => action,
             Err(e) => {
                 if let Some(rt) = rt {
-                    rt.log(host, LogLevel::Error, || format!("auto-ai-router: host call failed with status {} on {}; answering 503", e.0, self.endpoint));
+                    rt.log(host, LogLevel::Error, || {
+                        format!("auto-ai-router: host call failed with status {} on {}; answering 503", e.0, self.endpoint)
+                    });
                 }
                 self.reply(rt, host, 503, "The router could not process the request.", Some("router_error"), "internal", &[])
             }
@@ -252,11 +267,28 @@ impl Request {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn reply(&mut self, rt: Option<&Runtime>, host: &dyn Host, status: u16, message: &str, code: Option<&str>, reason: &'static str, extra: &[(&str, &str)]) -> Action {
+    fn reply(
+        &mut self,
+        rt: Option<&Runtime>,
+        host: &dyn Host,
+        status: u16,
+        message: &str,
+        code: Option<&str>,
+        reason: &'static str,
+        extra: &[(&str, &str)],
+    ) -> Action {
         self.reply_body(rt, host, status, &errors::body(status, message, code), reason, extra)
     }
 
-    fn reply_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, status: u16, body: &str, reason: &'static str, extra: &[(&str, &str)]) -> Action {
+    fn reply_body(
+        &mut self,
+        rt: Option<&Runtime>,
+        host: &dyn Host,
+        status: u16,
+        body: &str,
+        reason: &'static str,
+        extra: &[(&str, &str)],
+    ) -> Action {
         self.phase = Phase::Replied;
         if let Some(rt) = rt {
             self.record_overhead(rt, host);
@@ -267,7 +299,9 @@ impl Request {
         headers.extend_from_slice(extra);
         if let Err(e) = host.send_reply(status, &headers, body.as_bytes()) {
             if let Some(rt) = rt {
-                rt.log(host, LogLevel::Error, || format!("auto-ai-router: local reply failed with status {}; the request stays paused", e.0));
+                rt.log(host, LogLevel::Error, || {
+                    format!("auto-ai-router: local reply failed with status {}; the request stays paused", e.0)
+                });
             }
         }
         Action::Pause
@@ -308,7 +342,15 @@ impl Request {
             host.set_request_header(name, None)?;
         }
         let Some(rt) = rt else {
-            return Ok(self.reply(None, host, 503, "The router is not configured; see Envoy's log.", Some("router_not_configured"), "no_credential", &[]));
+            return Ok(self.reply(
+                None,
+                host,
+                503,
+                "The router is not configured; see Envoy's log.",
+                Some("router_not_configured"),
+                "no_credential",
+                &[],
+            ));
         };
         self.start_us = host.now_us();
         self.start_ms = self.start_us / 1000;
@@ -399,7 +441,8 @@ impl Request {
                 }
                 host.set_request_header(CLUSTER_HEADER, Some(cred.name.as_bytes()))?;
                 if rt.retries_on() {
-                    let plan = attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone(), start_ms: self.start_ms };
+                    let plan =
+                        attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone(), start_ms: self.start_ms };
                     attempt::write_plan(host, &plan, &cred.name)?;
                 } else {
                     // The route that accepts the credential's rewritten path matches on it.
@@ -409,7 +452,9 @@ impl Request {
                 if rpm_current > 0 {
                     rt.record(host, HotKey::RpmCurrent(index), rpm_current as u64);
                 }
-                rt.log(host, LogLevel::Debug, || format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name));
+                rt.log(host, LogLevel::Debug, || {
+                    format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name)
+                });
                 self.phase = Phase::Routed { index };
                 self.model = model;
                 self.record_overhead(rt, host);

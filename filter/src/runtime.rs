@@ -181,7 +181,9 @@ impl Runtime {
             None => {
                 let label = self.model_label(model);
                 let name = self.credential_name(index);
-                let id = |kind: &str| self.metric(host, MetricKind::Counter, metrics::TOKENS_TOTAL, &[("credential", name), ("model", label), ("type", kind)]);
+                let id = |kind: &str| {
+                    self.metric(host, MetricKind::Counter, metrics::TOKENS_TOTAL, &[("credential", name), ("model", label), ("type", kind)])
+                };
                 let (Some(p), Some(c)) = (id("prompt"), id("completion")) else { return };
                 let mut cache = self.token_ids.borrow_mut();
                 let per = cache.entry(label.to_string()).or_insert_with(|| vec![None; self.cfg.credentials.len()]);

@@ -12,7 +12,10 @@ pub fn effective_status(status: u16, code_details: &str) -> u16 {
         status
     } else if code_details.contains("timeout") {
         504
-    } else if code_details.starts_with("upstream_reset") || code_details.contains("connection_failure") || code_details.starts_with("no_healthy_upstream") {
+    } else if code_details.starts_with("upstream_reset")
+        || code_details.contains("connection_failure")
+        || code_details.starts_with("no_healthy_upstream")
+    {
         502
     } else {
         status

@@ -19,10 +19,36 @@ fn no_env(_: &str) -> Option<String> {
 /// YAML-ish text built from config words, so the parser gets past syntax into validation.
 fn configish() -> impl Strategy<Value = String> {
     let word = prop::sample::select(vec![
-        "server:", "credentials:", "fail2ban:", "models:", "  - ", "name: a", "name: b", "api_key: k",
-        "base_url: http://h", "base_url: https://x/v1", "rpm: -1", "rpm: 0", "rpm: 5", "rpm: x", "master_key: m",
-        "request_timeout: -1", "request_timeout: 5m", "ban_duration: 1s", "error_codes: [500]", "  ", "\n", "{", "}", "[", "]",
-        ":", "\"", "os.environ/X", "max_body_size_mb: 0", "port: 70000",
+        "server:",
+        "credentials:",
+        "fail2ban:",
+        "models:",
+        "  - ",
+        "name: a",
+        "name: b",
+        "api_key: k",
+        "base_url: http://h",
+        "base_url: https://x/v1",
+        "rpm: -1",
+        "rpm: 0",
+        "rpm: 5",
+        "rpm: x",
+        "master_key: m",
+        "request_timeout: -1",
+        "request_timeout: 5m",
+        "ban_duration: 1s",
+        "error_codes: [500]",
+        "  ",
+        "\n",
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        "\"",
+        "os.environ/X",
+        "max_body_size_mb: 0",
+        "port: 70000",
     ]);
     prop::collection::vec(word, 0..40).prop_map(|w| w.join(""))
 }
@@ -81,9 +107,8 @@ proptest! {
 }
 
 fn cfg(rpm: i64, model_rpm: i64, creds: usize) -> Config {
-    let list: Vec<String> = (0..creds)
-        .map(|i| format!("  - {{name: c{i}, api_key: k{i}, base_url: 'http://127.0.0.1:1', rpm: {rpm}}}"))
-        .collect();
+    let list: Vec<String> =
+        (0..creds).map(|i| format!("  - {{name: c{i}, api_key: k{i}, base_url: 'http://127.0.0.1:1', rpm: {rpm}}}")).collect();
     let text = format!(
         "server: {{master_key: mk, default_models_rpm: {model_rpm}}}\ncredentials:\n{}\nfail2ban: {{max_attempts: 3, ban_duration: 5s}}",
         list.join("\n")

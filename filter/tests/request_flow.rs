@@ -247,8 +247,13 @@ fn reported_tokens_are_counted_and_charged_to_tpm_and_missing_usage_is_counted()
     );
     let rt = Runtime::new(config::load(&text, &|_| None).unwrap());
     let store = Rc::new(MemStore::default());
-    let json = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":20,"completion_tokens":40,"total_tokens":60}}"#;
-    let sse: [&[u8]; 3] = [b"data: {\"choices\":[{\"delta\":{}}]}\n\n", b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"comp", b"letion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n"];
+    let json =
+        br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":20,"completion_tokens":40,"total_tokens":60}}"#;
+    let sse: [&[u8]; 3] = [
+        b"data: {\"choices\":[{\"delta\":{}}]}\n\n",
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"comp",
+        b"letion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n",
+    ];
     // One host for all requests: metric ids are cached per runtime.
     let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
     let served = |body_chunks: &[&[u8]], ct: &str| {

@@ -71,7 +71,10 @@ fn two_providers_merge_into_three_models_and_routing_follows_the_lists() {
     let (status, m) = get(&mut vm, "/v1/models/claude-3");
     assert_eq!((status, m["id"].as_str(), m["owned_by"].as_str()), (200, Some("claude-3"), Some("two")));
     let (status, e) = get(&mut vm, "/v1/models/llama");
-    assert_eq!((status, e["error"]["type"].as_str(), e["error"]["code"].as_str()), (404, Some("invalid_request_error"), Some("model_not_found")));
+    assert_eq!(
+        (status, e["error"]["type"].as_str(), e["error"]["code"].as_str()),
+        (404, Some("invalid_request_error"), Some("model_not_found"))
+    );
 }
 
 #[test]

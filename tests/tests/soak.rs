@@ -148,14 +148,20 @@ fn soak() {
     let rss_after = rss_kb(r.pid());
     let alloc_after = admin_stat(&r, "server.memory_allocated");
 
-    let mut report = vec![format!("soak: {:.0} s, Envoy --concurrency 2, {CONNECTIONS} keep-alive connections, models {models:?}, mock b failing 5 % (500)", elapsed.as_secs_f64())];
+    let mut report = vec![format!(
+        "soak: {:.0} s, Envoy --concurrency 2, {CONNECTIONS} keep-alive connections, models {models:?}, mock b failing 5 % (500)",
+        elapsed.as_secs_f64()
+    )];
     let total: u64 = totals.values().sum();
     report.push(format!("requests: {total} ({:.0}/s) by status: {totals:?}", total as f64 / elapsed.as_secs_f64()));
     let mut exceeded = Vec::new();
     for (i, (name, limit)) in cred_rpm.iter().enumerate() {
         let all: Vec<&LogEntry> = logs[i].iter().collect();
         let (max, max60) = (max_in(&all, 59), max_in(&all, 60));
-        report.push(format!("{name}: {} admissions at the mock, max {max} in any 59 s window, {max60} in any 60 s window (limit {limit})", all.len()));
+        report.push(format!(
+            "{name}: {} admissions at the mock, max {max} in any 59 s window, {max60} in any 60 s window (limit {limit})",
+            all.len()
+        ));
         if max as u64 > *limit {
             exceeded.push(format!("{name}: {max} > {limit}"));
         }
@@ -166,7 +172,10 @@ fn soak() {
         for (m, es) in per_model {
             let limit = model_rpm.get(m.as_str()).copied().unwrap_or(200);
             let (max, max60) = (max_in(&es, 59), max_in(&es, 60));
-            report.push(format!("  ({name}, {m}): {} admissions, max {max} in any 59 s window, {max60} in any 60 s window (limit {limit})", es.len()));
+            report.push(format!(
+                "  ({name}, {m}): {} admissions, max {max} in any 59 s window, {max60} in any 60 s window (limit {limit})",
+                es.len()
+            ));
             if max as u64 > limit {
                 exceeded.push(format!("({name}, {m}): {max} > {limit}"));
             }

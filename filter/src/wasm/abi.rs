@@ -47,7 +47,14 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
-    fn proxy_call_foreign_function(name: *const u8, name_size: usize, args: *const u8, args_size: usize, ret_data: *mut *mut u8, ret_size: *mut usize) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        args: *const u8,
+        args_size: usize,
+        ret_data: *mut *mut u8,
+        ret_size: *mut usize,
+    ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, ret_id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
@@ -239,7 +246,9 @@ impl Host for WasmHost {
     fn send_reply(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {
         let headers = serialize_map(headers);
         // SAFETY: pointers and lengths of live buffers.
-        check(unsafe { proxy_send_local_response(status as u32, null(), 0, body.as_ptr(), body.len(), headers.as_ptr(), headers.len(), -1) })
+        check(unsafe {
+            proxy_send_local_response(status as u32, null(), 0, body.as_ptr(), body.len(), headers.as_ptr(), headers.len(), -1)
+        })
     }
 
     fn clear_route_cache(&self) -> HostResult<()> {

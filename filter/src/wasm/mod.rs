@@ -8,11 +8,11 @@ use crate::config::{self, LogLevel};
 use crate::host::{Action as Step, Host};
 use crate::models_fetch::{self, Fetcher};
 use crate::request::Request;
+use crate::retry_contract::UPSTREAM_ROOT_ID;
 use crate::runtime::Runtime;
 use abi::WasmHost;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use crate::retry_contract::UPSTREAM_ROOT_ID;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -84,7 +84,8 @@ impl RootContext for Root {
             return true;
         }
         rt.log(&WasmHost, LogLevel::Info, || {
-            let creds: Vec<String> = rt.cfg.credentials.iter().map(|c| format!("{} ({}, key {})", c.name, c.base_url, config::mask(&c.api_key))).collect();
+            let creds: Vec<String> =
+                rt.cfg.credentials.iter().map(|c| format!("{} ({}, key {})", c.name, c.base_url, config::mask(&c.api_key))).collect();
             format!("auto-ai-router: configured {} credentials: {}", creds.len(), creds.join(", "))
         });
         rt.refresh_index(&WasmHost);
@@ -92,7 +93,10 @@ impl RootContext for Root {
         // Callouts of an earlier configuration would index this one's credentials.
         self.fetcher = Fetcher::new(self.fetcher.vm_no);
         if let Err(e) = abi::set_tick_period(Duration::from_secs(1)) {
-            abi::log(LogLevel::Error, &format!("auto-ai-router: tick period refused (status {}); gauges and model lists won't refresh", e.0));
+            abi::log(
+                LogLevel::Error,
+                &format!("auto-ai-router: tick period refused (status {}); gauges and model lists won't refresh", e.0),
+            );
         }
         true
     }

@@ -19,7 +19,10 @@ fn auth_three_401s_key_swap_and_no_client_routing() {
     // The three distinct 401s; none reaches a provider.
     let cases = [
         (Request::post("/v1/chat/completions").json(&body), "missing_api_key"),
-        (Request::post("/v1/chat/completions").header("Authorization", &format!("Basic {MASTER}")).json(&body), "invalid_authorization_header"),
+        (
+            Request::post("/v1/chat/completions").header("Authorization", &format!("Basic {MASTER}")).json(&body),
+            "invalid_authorization_header",
+        ),
         (Request::post("/v1/chat/completions").bearer("sk-e2e-wrong-key").json(&body), "invalid_api_key"),
     ];
     let mut messages = Vec::new();
@@ -59,9 +62,8 @@ fn auth_three_401s_key_swap_and_no_client_routing() {
     a.mock.reset_stats();
     b.mock.reset_stats();
     for _ in 0..6 {
-        let resp = r.send(
-            &Request::chat(MASTER, "gpt-4o").header("x-auto-ai-router-cluster", "cred_a").header("x-api-key", "sk-smuggled-key"),
-        );
+        let resp =
+            r.send(&Request::chat(MASTER, "gpt-4o").header("x-auto-ai-router-cluster", "cred_a").header("x-api-key", "sk-smuggled-key"));
         assert_eq!(resp.status, 200, "{}", resp.describe());
     }
     let (na, nb) = (api_log(&a).len(), api_log(&b).len());

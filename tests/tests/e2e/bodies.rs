@@ -16,10 +16,20 @@ fn bodies_invalid_json_missing_model_too_large_and_chunked() {
     let post = || Request::post("/v1/chat/completions").bearer(MASTER).header("Content-Type", "application/json");
 
     let resp = r.send(&post().body(&b"{\"model\": \"gpt-4o\", \"messages\": ["[..]));
-    assert_eq!((resp.status, resp.error_code().as_deref(), resp.error_type().as_deref()), (400, Some("invalid_json"), Some("invalid_request_error")), "{}", resp.describe());
+    assert_eq!(
+        (resp.status, resp.error_code().as_deref(), resp.error_type().as_deref()),
+        (400, Some("invalid_json"), Some("invalid_request_error")),
+        "{}",
+        resp.describe()
+    );
 
     let resp = r.send(&post().body(&b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}"[..]));
-    assert_eq!((resp.status, resp.error_code().as_deref(), resp.error_type().as_deref()), (400, Some("missing_model"), Some("invalid_request_error")), "{}", resp.describe());
+    assert_eq!(
+        (resp.status, resp.error_code().as_deref(), resp.error_type().as_deref()),
+        (400, Some("missing_model"), Some("invalid_request_error")),
+        "{}",
+        resp.describe()
+    );
 
     let resp = r.send(&post());
     assert_eq!((resp.status, resp.error_code().as_deref()), (400, Some("missing_model")), "no body at all: {}", resp.describe());
@@ -28,7 +38,12 @@ fn bodies_invalid_json_missing_model_too_large_and_chunked() {
     let pad = "x".repeat(1_300_000);
     let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": pad}]});
     let resp = r.send(&post().body(serde_json::to_vec(&big).unwrap()));
-    assert_eq!((resp.status, resp.error_code().as_deref(), resp.error_type().as_deref()), (413, Some("request_too_large"), Some("invalid_request_error")), "{}", resp.describe());
+    assert_eq!(
+        (resp.status, resp.error_code().as_deref(), resp.error_type().as_deref()),
+        (413, Some("request_too_large"), Some("invalid_request_error")),
+        "{}",
+        resp.describe()
+    );
 
     // Just under the limit passes, whole.
     let pad = "y".repeat(1_000_000);

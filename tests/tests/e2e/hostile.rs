@@ -81,47 +81,214 @@ fn cases() -> Vec<Case> {
     let c = |name, send, want, code, reaches_provider| Case { name, send, want, code, reaches_provider };
     use Want::*;
     vec![
-        c("Authorization with an empty value", Send::Raw(raw("POST", "/v1/chat/completions", &[b"Authorization:"], CHAT.as_bytes())), Status(401), Some("missing_api_key"), false),
+        c(
+            "Authorization with an empty value",
+            Send::Raw(raw("POST", "/v1/chat/completions", &[b"Authorization:"], CHAT.as_bytes())),
+            Status(401),
+            Some("missing_api_key"),
+            false,
+        ),
         c("empty bearer (`Bearer `)", Send::Req(chat_with_auth("Bearer ")), Status(401), Some("invalid_authorization_header"), false),
-        c("`Bearer` with two spaces before the key", Send::Req(chat_with_auth(&format!("Bearer  {MASTER}"))), Status(401), Some("invalid_api_key"), false),
+        c(
+            "`Bearer` with two spaces before the key",
+            Send::Req(chat_with_auth(&format!("Bearer  {MASTER}"))),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
         c("lowercase `bearer` (accepted, RFC 9110)", Send::Req(chat_with_auth(&format!("bearer {MASTER}"))), Status(200), None, true),
         c("uppercase `BEARER` (accepted)", Send::Req(chat_with_auth(&format!("BEARER {MASTER}"))), Status(200), None, true),
-        c("`Basic` scheme with the key", Send::Req(chat_with_auth(&format!("Basic {MASTER}"))), Status(401), Some("invalid_authorization_header"), false),
-        c("key in the query string (?api_key=)", Send::Req(Request::post(&format!("/v1/chat/completions?api_key={MASTER}")).body(CHAT)), Status(401), Some("missing_api_key"), false),
-        c("key in the query string (?key=) plus a wrong header", Send::Req(Request::post(&format!("/v1/chat/completions?key={MASTER}")).bearer("sk-wrong").body(CHAT)), Status(401), Some("invalid_api_key"), false),
-        c("key in x-api-key instead of Authorization", Send::Req(Request::post("/v1/chat/completions").header("x-api-key", MASTER).body(CHAT)), Status(401), Some("missing_api_key"), false),
-        c("master key minus its last character", Send::Req(chat_with_auth(&format!("Bearer {master_prefix}"))), Status(401), Some("invalid_api_key"), false),
-        c("master key plus one character", Send::Req(chat_with_auth(&format!("Bearer {MASTER}0"))), Status(401), Some("invalid_api_key"), false),
+        c(
+            "`Basic` scheme with the key",
+            Send::Req(chat_with_auth(&format!("Basic {MASTER}"))),
+            Status(401),
+            Some("invalid_authorization_header"),
+            false,
+        ),
+        c(
+            "key in the query string (?api_key=)",
+            Send::Req(Request::post(&format!("/v1/chat/completions?api_key={MASTER}")).body(CHAT)),
+            Status(401),
+            Some("missing_api_key"),
+            false,
+        ),
+        c(
+            "key in the query string (?key=) plus a wrong header",
+            Send::Req(Request::post(&format!("/v1/chat/completions?key={MASTER}")).bearer("sk-wrong").body(CHAT)),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
+        c(
+            "key in x-api-key instead of Authorization",
+            Send::Req(Request::post("/v1/chat/completions").header("x-api-key", MASTER).body(CHAT)),
+            Status(401),
+            Some("missing_api_key"),
+            false,
+        ),
+        c(
+            "master key minus its last character",
+            Send::Req(chat_with_auth(&format!("Bearer {master_prefix}"))),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
+        c(
+            "master key plus one character",
+            Send::Req(chat_with_auth(&format!("Bearer {MASTER}0"))),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
         c("10 000 headers", Send::Req(many), NotOk, None, false),
         c("1-byte body `{`", Send::Req(body("{")), Status(400), Some("invalid_json"), false),
         c("1-byte body `1`", Send::Req(body("1")), Status(400), Some("invalid_json"), false),
         c("model as a number", Send::Req(body(r#"{"model":42,"messages":[]}"#)), Status(400), Some("invalid_model"), false),
         c("model as an array", Send::Req(body(r#"{"model":["gpt-4o"],"messages":[]}"#)), Status(400), Some("invalid_model"), false),
         c("model as null", Send::Req(body(r#"{"model":null,"messages":[]}"#)), Status(400), Some("missing_model"), false),
-        c("two model keys (README: refused)", Send::Req(body(r#"{"model":"gpt-4o","model":"gpt-4o-mini"}"#)), Status(400), Some("invalid_model"), false),
+        c(
+            "two model keys (README: refused)",
+            Send::Req(body(r#"{"model":"gpt-4o","model":"gpt-4o-mini"}"#)),
+            Status(400),
+            Some("invalid_model"),
+            false,
+        ),
         c("valid JSON but an array", Send::Req(body(format!("[{CHAT}]"))), Status(400), Some("invalid_json"), false),
-        c("Content-Encoding: gzip body (not decoded → not JSON)", Send::Req(body(gzip_stored(CHAT.as_bytes())).header("Content-Encoding", "gzip")), Status(400), Some("invalid_json"), false),
-        c("path traversal /v1/../admin", Send::Raw(raw("GET", "/v1/../admin", &[format!("Authorization: Bearer {MASTER}").as_bytes()], b"")), Status(404), Some("not_found"), false),
-        c("path traversal /v1/%2e%2e/admin", Send::Raw(raw("GET", "/v1/%2e%2e/admin", &[format!("Authorization: Bearer {MASTER}").as_bytes()], b"")), Status(404), Some("not_found"), false),
-        c("path traversal /v1/..%2f..%2fconfig_dump", Send::Raw(raw("GET", "/v1/..%2f..%2fconfig_dump", &[format!("Authorization: Bearer {MASTER}").as_bytes()], b"")), Status(404), Some("not_found"), false),
-        c("path traversal POST /v1/chat/../../config_dump", Send::Raw(raw("POST", "/v1/chat/../../config_dump", &[format!("Authorization: Bearer {MASTER}").as_bytes()], CHAT.as_bytes())), Status(404), Some("not_found"), false),
+        c(
+            "Content-Encoding: gzip body (not decoded → not JSON)",
+            Send::Req(body(gzip_stored(CHAT.as_bytes())).header("Content-Encoding", "gzip")),
+            Status(400),
+            Some("invalid_json"),
+            false,
+        ),
+        c(
+            "path traversal /v1/../admin",
+            Send::Raw(raw("GET", "/v1/../admin", &[format!("Authorization: Bearer {MASTER}").as_bytes()], b"")),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
+        c(
+            "path traversal /v1/%2e%2e/admin",
+            Send::Raw(raw("GET", "/v1/%2e%2e/admin", &[format!("Authorization: Bearer {MASTER}").as_bytes()], b"")),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
+        c(
+            "path traversal /v1/..%2f..%2fconfig_dump",
+            Send::Raw(raw("GET", "/v1/..%2f..%2fconfig_dump", &[format!("Authorization: Bearer {MASTER}").as_bytes()], b"")),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
+        c(
+            "path traversal POST /v1/chat/../../config_dump",
+            Send::Raw(raw("POST", "/v1/chat/../../config_dump", &[format!("Authorization: Bearer {MASTER}").as_bytes()], CHAT.as_bytes())),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
         c("/../config_dump", Send::Raw(raw("GET", "/../config_dump", &[], b"")), Status(404), Some("not_found"), false),
         c("GET /stats on the public port", Send::Req(Request::get("/stats")), Status(404), Some("not_found"), false),
         c("GET /config_dump on the public port", Send::Req(Request::get("/config_dump")), Status(404), Some("not_found"), false),
-        c("POST /quitquitquit on the public port", Send::Req(Request::post("/quitquitquit").body("")), Status(404), Some("not_found"), false),
+        c(
+            "POST /quitquitquit on the public port",
+            Send::Req(Request::post("/quitquitquit").body("")),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
         c("GET /stats/prometheus on the public port", Send::Req(Request::get("/stats/prometheus")), Status(404), Some("not_found"), false),
-        c("POST /logging?level=trace on the public port", Send::Req(Request::post("/logging?level=trace").body("")), Status(404), Some("not_found"), false),
-        c("upper-case /V1/chat/completions", Send::Req(Request::chat(MASTER, "gpt-4o").clone_with_path("/V1/chat/completions")), Status(404), Some("not_found"), false),
-        c("non-ASCII header value (UTF-8) on a valid request", Send::Raw(raw("POST", "/v1/chat/completions", &[format!("Authorization: Bearer {MASTER}").as_bytes(), "X-Note: héllo wörld ✓".as_bytes()], CHAT.as_bytes())), Status(200), None, true),
-        c("non-ASCII key in Authorization", Send::Raw(raw("POST", "/v1/chat/completions", &["Authorization: Bearer sk-é-ключ".as_bytes()], CHAT.as_bytes())), Status(401), Some("invalid_api_key"), false),
-        c("non-UTF-8 bytes in Authorization", Send::Raw(raw("POST", "/v1/chat/completions", &[b"Authorization: Bearer sk-\xff\xfe\x80"], CHAT.as_bytes())), Status(401), Some("invalid_api_key"), false),
-        c("40 000-byte header value on a valid request", Send::Req(Request::chat(MASTER, "gpt-4o").header("X-Long", &long_value)), Status(200), None, true),
-        c("40 000-byte Authorization value", Send::Req(chat_with_auth(&format!("Bearer {long_value}"))), Status(401), Some("invalid_api_key"), false),
-        c("100 000-byte header value (over Envoy's 60 KiB)", Send::Req(Request::chat(MASTER, "gpt-4o").header("X-Huge", &huge_value)), NotOk, None, false),
-        c("two Authorization headers (master, wrong)", Send::Req(chat_with_auth(&format!("Bearer {MASTER}")).header("Authorization", "Bearer sk-wrong")), Status(401), None, false),
-        c("two Authorization headers (wrong, master)", Send::Req(chat_with_auth("Bearer sk-wrong").header("Authorization", &format!("Bearer {MASTER}"))), Status(401), None, false),
-        c("two Authorization headers (master, master)", Send::Req(chat_with_auth(&format!("Bearer {MASTER}")).header("Authorization", &format!("Bearer {MASTER}"))), Status(401), None, false),
-        c("fault header on the release build (compiled out)", Send::Req(Request::chat(MASTER, "gpt-4o").header("x-auto-ai-router-fault", "trap")), Status(200), None, true),
+        c(
+            "POST /logging?level=trace on the public port",
+            Send::Req(Request::post("/logging?level=trace").body("")),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
+        c(
+            "upper-case /V1/chat/completions",
+            Send::Req(Request::chat(MASTER, "gpt-4o").clone_with_path("/V1/chat/completions")),
+            Status(404),
+            Some("not_found"),
+            false,
+        ),
+        c(
+            "non-ASCII header value (UTF-8) on a valid request",
+            Send::Raw(raw(
+                "POST",
+                "/v1/chat/completions",
+                &[format!("Authorization: Bearer {MASTER}").as_bytes(), "X-Note: héllo wörld ✓".as_bytes()],
+                CHAT.as_bytes(),
+            )),
+            Status(200),
+            None,
+            true,
+        ),
+        c(
+            "non-ASCII key in Authorization",
+            Send::Raw(raw("POST", "/v1/chat/completions", &["Authorization: Bearer sk-é-ключ".as_bytes()], CHAT.as_bytes())),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
+        c(
+            "non-UTF-8 bytes in Authorization",
+            Send::Raw(raw("POST", "/v1/chat/completions", &[b"Authorization: Bearer sk-\xff\xfe\x80"], CHAT.as_bytes())),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
+        c(
+            "40 000-byte header value on a valid request",
+            Send::Req(Request::chat(MASTER, "gpt-4o").header("X-Long", &long_value)),
+            Status(200),
+            None,
+            true,
+        ),
+        c(
+            "40 000-byte Authorization value",
+            Send::Req(chat_with_auth(&format!("Bearer {long_value}"))),
+            Status(401),
+            Some("invalid_api_key"),
+            false,
+        ),
+        c(
+            "100 000-byte header value (over Envoy's 60 KiB)",
+            Send::Req(Request::chat(MASTER, "gpt-4o").header("X-Huge", &huge_value)),
+            NotOk,
+            None,
+            false,
+        ),
+        c(
+            "two Authorization headers (master, wrong)",
+            Send::Req(chat_with_auth(&format!("Bearer {MASTER}")).header("Authorization", "Bearer sk-wrong")),
+            Status(401),
+            None,
+            false,
+        ),
+        c(
+            "two Authorization headers (wrong, master)",
+            Send::Req(chat_with_auth("Bearer sk-wrong").header("Authorization", &format!("Bearer {MASTER}"))),
+            Status(401),
+            None,
+            false,
+        ),
+        c(
+            "two Authorization headers (master, master)",
+            Send::Req(chat_with_auth(&format!("Bearer {MASTER}")).header("Authorization", &format!("Bearer {MASTER}"))),
+            Status(401),
+            None,
+            false,
+        ),
+        c(
+            "fault header on the release build (compiled out)",
+            Send::Req(Request::chat(MASTER, "gpt-4o").header("x-auto-ai-router-fault", "trap")),
+            Status(200),
+            None,
+            true,
+        ),
     ]
 }
 
@@ -169,7 +336,10 @@ fn hostile_request_table() {
                 ok = false;
             }
             let t = x.text();
-            if t.contains("\"configs\"") || t.contains("cluster_manager") || t.contains("OK\n") && x.status == 200 && case.name.contains("public port") {
+            if t.contains("\"configs\"")
+                || t.contains("cluster_manager")
+                || t.contains("OK\n") && x.status == 200 && case.name.contains("public port")
+            {
                 ok = false;
             }
             if x.status == 200 {
@@ -189,7 +359,11 @@ fn hostile_request_table() {
         let got_s = format!("{}{}", outcome(&got), if reached > 0 { ", provider" } else { ", no provider" });
         table.push(format!("{:<58} | {:<34} | {}{}", case.name, want, got_s, if ok { "" } else { "   <-- FAIL" }));
         if !ok {
-            failures.push(format!("{}: expected {want}, got {got_s} ({})", case.name, got.as_ref().map(|x| x.describe()).unwrap_or_default()));
+            failures.push(format!(
+                "{}: expected {want}, got {got_s} ({})",
+                case.name,
+                got.as_ref().map(|x| x.describe()).unwrap_or_default()
+            ));
         }
     }
     // Envoy is still up and serving after all of it; the admin was never reached.

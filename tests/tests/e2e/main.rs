@@ -4,16 +4,16 @@
 
 mod auth;
 mod balance;
-mod limits;
-mod fail2ban;
-mod models;
-mod streaming;
 mod bodies;
-mod observability;
 mod client;
-mod secrets;
-mod hostile;
+mod fail2ban;
 mod fault;
+mod hostile;
+mod limits;
 mod listener;
+mod models;
+mod observability;
 mod retry;
+mod secrets;
+mod streaming;
 mod tokens;

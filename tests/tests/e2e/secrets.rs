@@ -71,7 +71,9 @@ fn keys_stay_out_of_config_dump_and_logs() {
     for s in secrets {
         // Not even a 12-character prefix (masking keeps 7 characters).
         let p = &s[..12];
-        for (what, text) in [("admin /config_dump", dump.text()), ("the rendered bootstrap", bootstrap.clone()), ("Envoy's log", log.clone())] {
+        for (what, text) in
+            [("admin /config_dump", dump.text()), ("the rendered bootstrap", bootstrap.clone()), ("Envoy's log", log.clone())]
+        {
             if text.contains(p) {
                 let lines: Vec<&str> = text.lines().filter(|l| l.contains(p)).take(3).collect();
                 leaks.push(format!("{what} contains {p}...: {lines:?}"));

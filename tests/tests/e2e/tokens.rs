@@ -13,7 +13,9 @@ fn cred_tpm(name: &str, key: &str, url: &str, tpm: i64) -> String {
 /// A chat request the mock answers with 60 tokens: 53 prompt words + its 7-word reply.
 fn chat_60() -> Request {
     let prompt = vec!["word"; 53].join(" ");
-    Request::post("/v1/chat/completions").bearer(MASTER).json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}))
+    Request::post("/v1/chat/completions")
+        .bearer(MASTER)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}))
 }
 
 #[test]
@@ -42,8 +44,16 @@ fn tpm_100_on_two_keys_admits_four_60_token_answers_then_429() {
     }
     assert_eq!(statuses, [200, 200, 200, 200, 429], "60 + 60 reach 100 on each key: checked before, charged after");
     for c in ["cred_a", "cred_b"] {
-        assert_eq!(r.metric("auto_ai_router_tokens_total", &[("credential", c), ("model", "gpt-4o"), ("type", "prompt")]), Some(106.0), "{c}");
-        assert_eq!(r.metric("auto_ai_router_tokens_total", &[("credential", c), ("model", "gpt-4o"), ("type", "completion")]), Some(14.0), "{c}");
+        assert_eq!(
+            r.metric("auto_ai_router_tokens_total", &[("credential", c), ("model", "gpt-4o"), ("type", "prompt")]),
+            Some(106.0),
+            "{c}"
+        );
+        assert_eq!(
+            r.metric("auto_ai_router_tokens_total", &[("credential", c), ("model", "gpt-4o"), ("type", "completion")]),
+            Some(14.0),
+            "{c}"
+        );
     }
     let creds = Request::get("/v1/credentials").bearer(MASTER).send(r.addr).expect("credentials").json();
     assert_eq!(creds["data"][0]["tpm"], json!({"used": 120, "limit": 100}), "{creds}");
@@ -66,7 +76,10 @@ fn a_stream_with_include_usage_is_counted_and_still_streams() {
     assert!(done - first >= Duration::from_millis(800), "first event at {first:?}, [DONE] at {done:?}: the stream was held back");
     assert!(resp.text().contains("\"usage\""), "the client asked for the usage event and got it");
     assert_eq!(r.metric("auto_ai_router_tokens_total", &[("credential", "cred_a"), ("model", "gpt-4o"), ("type", "prompt")]), Some(3.0));
-    assert_eq!(r.metric("auto_ai_router_tokens_total", &[("credential", "cred_a"), ("model", "gpt-4o"), ("type", "completion")]), Some(7.0));
+    assert_eq!(
+        r.metric("auto_ai_router_tokens_total", &[("credential", "cred_a"), ("model", "gpt-4o"), ("type", "completion")]),
+        Some(7.0)
+    );
 
     // The same stream without include_usage: nothing reported, counted as missing; never injected.
     let req = Request::post("/v1/chat/completions")
