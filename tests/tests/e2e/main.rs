@@ -15,3 +15,4 @@ mod secrets;
 mod hostile;
 mod fault;
 mod listener;
+mod dashboard;
