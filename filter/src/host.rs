@@ -41,6 +41,8 @@ pub trait Host: SharedStore {
     /// `len` bytes of the buffered request body from `start`.
     fn request_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>>;
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>>;
+    /// `len` bytes of the response body chunk at hand (the filter never buffers responses).
+    fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>>;
     /// Sets (`Some`) or removes (`None`) a response header.
     fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()>;
     fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>>;

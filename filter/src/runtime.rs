@@ -25,6 +25,8 @@ pub struct Runtime {
     hot_ids: RefCell<HashMap<HotKey, u32, FxBuildHasher>>,
     /// `auto_ai_router_model_requests_total` ids: model label → id per credential index.
     model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
+    /// `auto_ai_router_tokens_total` ids (prompt, completion): model label → per credential index.
+    token_ids: RefCell<HashMap<String, Vec<Option<[u32; 2]>>, FxBuildHasher>>,
 }
 
 /// A series by its label values (credential as an index): its id is looked up without building or
@@ -34,6 +36,7 @@ pub enum HotKey {
     RpmCurrent(usize),
     Banned(usize),
     Cooldown(usize),
+    UsageMissing(usize),
     Errors(usize),
     StateConflicts(usize),
     /// A retry away from a credential: the failed status (0 = no response).
@@ -57,6 +60,7 @@ impl Runtime {
             name_buf: RefCell::new(String::new()),
             hot_ids: RefCell::new(HashMap::default()),
             model_ids: RefCell::new(HashMap::default()),
+            token_ids: RefCell::new(HashMap::default()),
         }
     }
 
@@ -90,6 +94,7 @@ impl Runtime {
         let id = match key {
             HotKey::RpmCurrent(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_RPM_CURRENT, &cred(i)),
             HotKey::Banned(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_BANNED, &cred(i)),
+            HotKey::UsageMissing(i) => self.metric(host, MetricKind::Counter, metrics::USAGE_MISSING_TOTAL, &cred(i)),
             HotKey::Cooldown(i) => self.metric(host, MetricKind::Gauge, metrics::CREDENTIAL_COOLDOWN, &cred(i)),
             HotKey::Errors(i) => self.metric(host, MetricKind::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &cred(i)),
             HotKey::StateConflicts(i) => self.metric(host, MetricKind::Counter, metrics::STATE_CONFLICTS_TOTAL, &cred(i)),
@@ -126,21 +131,28 @@ impl Runtime {
         }
     }
 
-    /// Counts a (credential, model) request. Known models always get their own label; other names
-    /// do until MAX_MODEL_LABELS distinct ones, then count as "other" (a client can't grow the set).
+    /// The model label for a series: known models always get their own; other names do until
+    /// MAX_MODEL_LABELS distinct ones, then count as "other" (a client can't grow the set).
+    fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        let ids = self.model_ids.borrow();
+        let allowed = ids.contains_key(model)
+            || ids.len() < MAX_MODEL_LABELS
+            || self.cfg.models.contains_key(model)
+            || self.index.borrow().get(model).is_some();
+        if allowed {
+            model
+        } else {
+            "other"
+        }
+    }
+
+    /// Counts a (credential, model) request.
     pub fn count_model(&self, host: &dyn Host, index: usize, model: &str) {
         let cached = self.model_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
         let id = match cached {
             Some(id) => id,
             None => {
-                let allowed = {
-                    let ids = self.model_ids.borrow();
-                    ids.contains_key(model)
-                        || ids.len() < MAX_MODEL_LABELS
-                        || self.cfg.models.contains_key(model)
-                        || self.index.borrow().get(model).is_some()
-                };
-                let label = if allowed { model } else { "other" };
+                let label = self.model_label(model);
                 let labels = [("credential", self.credential_name(index)), ("model", label)];
                 let Some(id) = self.metric(host, MetricKind::Counter, metrics::MODEL_REQUESTS_TOTAL, &labels) else { return };
                 let mut ids = self.model_ids.borrow_mut();
@@ -152,6 +164,28 @@ impl Runtime {
             }
         };
         host.increment_metric(id, 1);
+    }
+
+    /// Adds a response's reported tokens to `tokens_total{credential, model, type}`.
+    pub fn count_tokens(&self, host: &dyn Host, index: usize, model: &str, prompt: u64, completion: u64) {
+        let cached = self.token_ids.borrow().get(model).and_then(|ids| ids.get(index).copied().flatten());
+        let ids = match cached {
+            Some(ids) => ids,
+            None => {
+                let label = self.model_label(model);
+                let name = self.credential_name(index);
+                let id = |kind: &str| self.metric(host, MetricKind::Counter, metrics::TOKENS_TOTAL, &[("credential", name), ("model", label), ("type", kind)]);
+                let (Some(p), Some(c)) = (id("prompt"), id("completion")) else { return };
+                let mut cache = self.token_ids.borrow_mut();
+                let per = cache.entry(label.to_string()).or_insert_with(|| vec![None; self.cfg.credentials.len()]);
+                if let Some(slot) = per.get_mut(index) {
+                    *slot = Some([p, c]);
+                }
+                [p, c]
+            }
+        };
+        host.increment_metric(ids[0], i64::try_from(prompt).unwrap_or(i64::MAX));
+        host.increment_metric(ids[1], i64::try_from(completion).unwrap_or(i64::MAX));
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {

@@ -24,6 +24,8 @@ pub struct MemHost {
     pub request_headers: RefCell<Vec<(String, Vec<u8>)>>,
     pub request_body: RefCell<Vec<u8>>,
     pub response_headers: RefCell<Vec<(String, Vec<u8>)>>,
+    /// The response body chunk the next `on_response_body` sees.
+    pub response_chunk: RefCell<Vec<u8>>,
     pub properties: RefCell<HashMap<String, Vec<u8>>>,
     pub reply: RefCell<Option<Reply>>,
     pub route_cache_cleared: Cell<u32>,
@@ -122,6 +124,13 @@ impl Host for MemHost {
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
         self.call("response_header")?;
         Ok(self.response_headers.borrow().iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
+        self.call("response_body")?;
+        let b = self.response_chunk.borrow();
+        let end = start.saturating_add(len).min(b.len());
+        Ok(b.get(start.min(end)..end).unwrap_or_default().to_vec())
     }
 
     fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {

@@ -18,6 +18,7 @@ const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
 const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const REQUEST_BODY: u32 = 0;
+const RESPONSE_BODY: u32 = 1;
 const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const PLUGIN_CONFIGURATION: u32 = 7;
 
@@ -200,6 +201,10 @@ impl Host for WasmHost {
 
     fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
         get_map_value(RESPONSE_HEADERS, name)
+    }
+
+    fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
+        get_buffer(RESPONSE_BODY, start, len)
     }
 
     fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
