@@ -41,7 +41,7 @@ clean:
 
 # Coverage-guided fuzzing of the parsers and record codecs (not in CI). FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := config body headers records
+FUZZ_TARGETS := config body headers records usage
 .PHONY: fuzz
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked

@@ -8,7 +8,10 @@ running side by side from one rendered bootstrap:
   2 plain   wrk -> Envoy, same listener/clusters, no wasm; a static rewrite (authorization swap,
             host rewrite, one cluster) in the route
   3 router  wrk -> Envoy + the router filter (2 credentials, RPM on but not limiting, fail2ban on,
-            model-aware routing on)
+            model-aware routing on; retries on, the default max_provider_retries: 2, so every
+            request also runs the upstream filter in the credential's cluster)
+  3b router_noretry  the same with max_provider_retries: 0 (no upstream filter, cluster_header
+            route): 3 minus 3b is what the retry machinery costs a request that is not retried
 
 plus the streaming case (SSE, 20 chunks, no delay) for 2 and 3. Cases run in interleaved rounds
 (1 2 3 2s 3s, 1 2 3 2s 3s, ...) and the report takes the median over rounds; ratios and added
@@ -21,7 +24,8 @@ two differ only in the filter.
 Environment (all optional): BENCH_CONCURRENCY (Envoy --concurrency, 2), BENCH_ROUNDS (3),
 BENCH_DURATION (seconds per run, 5), BENCH_WARMUP (seconds, 2), BENCH_CONNECTIONS (32),
 BENCH_THREADS (wrk threads, 2), BENCH_MOCK_WORKERS (2), BENCH_ACCESS_LOG (off), BENCH_LOG_LEVEL
-(router logging_level, info), BENCH_CASES (comma list of direct,plain,router,plain_sse,router_sse),
+(router logging_level, info), BENCH_CASES (comma list of direct,plain,router,router_noretry,
+plain_sse,router_sse,plain_1c,router_1c),
 BENCH_OUT (target/bench/report.md), BENCH_WASM (filter.wasm), BENCH_BIN_DIR (where the mock and the
 CLI are, target/bench-tools), BENCH_LABEL (a note in the report),
 BENCH_CHECK_KEYS (0 skips the router's model-list wait and the check that it uses both keys, for
@@ -83,11 +87,12 @@ DIRECT_KEY = "sk-bench-direct-key"
 MODEL = "gpt-4o-mini"
 CLUSTER_HEADER = "x-auto-ai-router-cluster"
 
-ALL_CASES = ["direct", "plain", "router", "plain_sse", "router_sse", "plain_1c", "router_1c"]
+ALL_CASES = ["direct", "plain", "router", "router_noretry", "plain_sse", "router_sse", "plain_1c", "router_1c"]
 TITLES = {
     "direct": "1 direct to the mock",
     "plain": "2 plain Envoy (static rewrite, no wasm)",
-    "router": "3 Envoy + router filter",
+    "router": "3 Envoy + router filter (retries on)",
+    "router_noretry": "3b Envoy + router filter, max_provider_retries: 0",
     "plain_sse": "2 plain Envoy, SSE 20 chunks",
     "router_sse": "3 Envoy + router filter, SSE 20 chunks",
     "plain_1c": "2 plain Envoy, 1 connection",
@@ -172,7 +177,7 @@ def cpu_seconds(pid: int) -> float:
 
 # ---------------------------------------------------------------- setup
 
-def write_router_config(mock_port: int) -> Path:
+def write_router_config(mock_port: int, retries: int | None = None, file_name: str = "config.yaml") -> Path:
     creds = "\n".join(
         f"""  - name: {name}
     api_key: "{key}"
@@ -180,6 +185,7 @@ def write_router_config(mock_port: int) -> Path:
     rpm: 10000000"""
         for name, key in KEYS.items()
     )
+    retry_line = f"  max_provider_retries: {retries}\n" if retries is not None else ""
     text = f"""# make bench: two credentials on one mock; RPM on but far from limiting; fail2ban on.
 server:
   port: 8080
@@ -189,21 +195,21 @@ server:
   request_timeout: 5m
   default_models_rpm: 10000000
   max_body_size_mb: 100
-credentials:
+{retry_line}credentials:
 {creds}
 fail2ban:
   max_attempts: 3
   ban_duration: 5m
   error_codes: [401, 403, 429, 500, 502, 503, 504]
 """
-    path = WORK / "config.yaml"
+    path = WORK / file_name
     path.write_text(text)
     return path
 
 
-def render_router(config: Path, port: int, admin_port: int) -> tuple[Path, dict, list[str]]:
-    out = WORK / "router.yaml"
-    env_file = WORK / "router.env"
+def render_router(config: Path, port: int, admin_port: int, name: str = "router") -> tuple[Path, dict, list[str]]:
+    out = WORK / f"{name}.yaml"
+    env_file = WORK / f"{name}.env"
     r = subprocess.run(
         [str(CLI), "render", "--config", str(config), "--wasm", str(WASM), "--out", str(out),
          "--listen", f"127.0.0.1:{port}", "--admin-port", str(admin_port), "--access-log", ACCESS_LOG,
@@ -235,6 +241,10 @@ def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: in
     boot["admin"]["address"]["socket_address"]["port_value"] = admin_port
     first = next(iter(KEYS))
     rewrites = 0
+    # No upstream filter (the router's retry layout puts one in every credential cluster).
+    for cluster in boot["static_resources"]["clusters"]:
+        for opts in cluster.get("typed_extension_protocol_options", {}).values():
+            opts.pop("http_filters", None)
     for listener in boot["static_resources"]["listeners"]:
         listener["address"]["socket_address"]["port_value"] = port
         for chain in listener["filter_chains"]:
@@ -246,10 +256,16 @@ def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: in
                     h for h in hcm["http_filters"] if "filters.http.wasm" not in h.get("typed_config", {}).get("@type", "")
                 ]
                 for vh in hcm["route_config"]["virtual_hosts"]:
+                    # Routes that only match requests the filter routed (its filter state) go.
+                    vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
                     for route in vh["routes"]:
                         route.pop("typed_per_filter_config", None)
+                        route.pop("response_headers_to_remove", None)
                         action = route.get("route")
-                        if action and action.pop("cluster_header", None):
+                        dynamic = action and (action.pop("cluster_header", None) or action.pop("inline_cluster_specifier_plugin", None))
+                        if action:
+                            action.pop("retry_policy", None)
+                        if dynamic:
                             # What the router does for one credential, as static config.
                             action["cluster"] = first
                             action["host_rewrite_literal"] = f"127.0.0.1:{mock_port}"
@@ -260,7 +276,7 @@ def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: in
                             route["request_headers_to_remove"] = ["x-api-key", CLUSTER_HEADER]
                             rewrites += 1
     if rewrites == 0:
-        raise BenchError("plain bootstrap: no cluster_header route found in the router's bootstrap")
+        raise BenchError("plain bootstrap: no filter-routed route (cluster_header or cluster specifier) in the router's bootstrap")
     path = WORK / "plain.json"
     path.write_text(json.dumps(boot, indent=1))
     return path
@@ -401,6 +417,22 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
         L.append("|---|---:|---:|---:|---:|")
         L.extend(rows)
         L.append("")
+    if "router" in results and "router_noretry" in results:
+        ra, rb = results["router_noretry"], results["router"]
+        n = min(len(ra), len(rb))
+        ratio = median([rb[i]["rps"] / ra[i]["rps"] for i in range(n) if ra[i]["rps"]])
+        d50 = median([rb[i]["p50_us"] - ra[i]["p50_us"] for i in range(n)])
+        d99 = median([rb[i]["p99_us"] - ra[i]["p99_us"] for i in range(n)])
+        dcpu = [rb[i]["cpu_us"] - ra[i]["cpu_us"] for i in range(n)
+                if rb[i].get("cpu_us") is not None and ra[i].get("cpu_us") is not None]
+        L.append("| retries on (3) vs max_provider_retries: 0 (3b), no request retried | throughput 3/3b | added p50 | "
+                 "added p99 | added Envoy CPU per request |")
+        L.append("|---|---:|---:|---:|---:|")
+        L.append(f"| 1 KB POST, {CONNECTIONS} connections | {ratio:.2f}× | {signed_us(d50)} | {signed_us(d99)} | "
+                 f"{signed_us(median(dcpu)) if dcpu else '—'} |")
+        L.append("")
+        L.append("3 − 3b is the upstream filter (one more wasm HTTP context per attempt), the filter-state plan, "
+                 "the retry policy and the matcher cluster specifier, on requests that are not retried.\n")
     L.append("Per-round RPS (run order within a round: " + ", ".join(cases) + "):\n")
     L.append("| case | " + " | ".join(f"round {i + 1}" for i in range(ROUNDS)) + " |")
     L.append("|---|" + "---:|" * ROUNDS)
@@ -467,7 +499,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        mock_port, router_port, router_admin, plain_port, plain_admin = (free_port() for _ in range(5))
+        mock_port, router_port, router_admin, plain_port, plain_admin, nr_port, nr_admin = (free_port() for _ in range(7))
         mock = procs.start("mock", [str(MOCK), "--name", "bench", "--port", str(mock_port),
                                     "--key", KEYS["bench_a"], "--key", KEYS["bench_b"], "--key", DIRECT_KEY,
                                     "--models", "gpt-4o,gpt-4o-mini", "--chunks", "20", "--chunk-delay-ms", "0",
@@ -487,6 +519,16 @@ def main() -> int:
         if os.environ.get("BENCH_CHECK_KEYS", "1") != "0":
             wait_until("router model lists", models_ready, router)
 
+        # The same router with max_provider_retries: 0 (no retry policy, no upstream filter).
+        noretry = None
+        if "router_noretry" in cases:
+            nr_config = write_router_config(mock_port, retries=0, file_name="config-noretry.yaml")
+            nr_yaml, nr_env, nr_extra = render_router(nr_config, nr_port, nr_admin, name="router-noretry")
+            noretry = procs.start("envoy-router-noretry", envoy_argv(nr_yaml, nr_extra), env=dict(os.environ, **nr_env))
+            wait_until("router Envoy (max_provider_retries: 0)",
+                       lambda: http("GET", f"http://127.0.0.1:{nr_admin}/ready")[0] == 200, noretry)
+            log(f"Envoy router with max_provider_retries: 0 on :{nr_port} (admin :{nr_admin})")
+
         plain_json = plain_bootstrap(router_admin, plain_port, plain_admin, mock_port)
         plain = procs.start("envoy-plain", envoy_argv(plain_json, extra))
         wait_until("plain Envoy", lambda: http("GET", f"http://127.0.0.1:{plain_admin}/ready")[0] == 200, plain)
@@ -496,6 +538,7 @@ def main() -> int:
             "direct": (mock_port, DIRECT_KEY, False, None, 0),
             "plain": (plain_port, MASTER, False, plain, 0),
             "router": (router_port, MASTER, False, router, 0),
+            "router_noretry": (nr_port, MASTER, False, noretry, 0),
             "plain_sse": (plain_port, MASTER, True, plain, 0),
             "router_sse": (router_port, MASTER, True, router, 0),
             # One connection: no queueing, so latency is the per-request cost of the path.

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 /// Envoy cluster name reserved for the admin interface (`/metrics`).
 pub const ADMIN_CLUSTER: &str = "auto_ai_router_admin";
+/// Envoy cluster name reserved for "no credential left" (an endpoint-less cluster: Envoy answers
+/// 503 at once instead of retrying on the previous attempt's cluster; see render).
+pub const NO_CREDENTIAL_CLUSTER: &str = "auto_ai_router_no_credential";
 
 /// An environment variable Envoy must be started with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,9 +121,16 @@ pub fn prepare(
     unset_env.dedup();
 
     for c in &config.credentials {
-        if c.name == ADMIN_CLUSTER {
+        let reserved = match c.name.as_str() {
+            ADMIN_CLUSTER => Some("the admin cluster"),
+            NO_CREDENTIAL_CLUSTER => Some("the cluster that answers when no credential is left"),
+            filter::retry_contract::NO_CREDENTIAL => Some("\"no credential left\" in the retry routing"),
+            _ => None,
+        };
+        if let Some(what) = reserved {
             return Err(LoadError::Other(format!(
-                "{config_name}: credentials: name \"{ADMIN_CLUSTER}\" is reserved for the admin cluster (use another name)"
+                "{config_name}: credentials: name \"{}\" is reserved for {what} (use another name)",
+                c.name
             )));
         }
     }

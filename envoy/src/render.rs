@@ -1,12 +1,22 @@
 //! The Envoy v3 bootstrap for a prepared configuration.
 //!
 //! Layout: one listener (HTTP connection manager) whose routes are `/metrics` → the admin
-//! interface's `/stats/prometheus`, `/health` and `/v1/` → the wasm router (which picks the
-//! cluster through the `x-auto-ai-router-cluster` header), anything else → 404 JSON; one cluster
-//! per credential, named after it; an admin cluster; `stats_tags` that turn the filter's
-//! Istio-style stat names into Prometheus labels.
+//! interface's `/stats/prometheus`, `/health` and `/v1/` → the wasm router, anything else → 404
+//! JSON; one cluster per credential, named after it; an admin cluster; `stats_tags` that turn the
+//! filter's Istio-style stat names into Prometheus labels.
+//!
+//! How `/v1/` picks its cluster depends on `server.max_provider_retries`:
+//! - 0: `cluster_header: x-auto-ai-router-cluster` (the filter sets it and clears the route cache);
+//!   no retry policy, no upstream filter.
+//! - N > 0: a matcher cluster specifier on the filter state the filter writes
+//!   ([`retry_contract::NEXT_FILTER_STATE`]), re-evaluated on every attempt
+//!   (`refresh_cluster_on_retry`), and the same `.wasm` as an upstream HTTP filter in every
+//!   credential cluster: it injects each attempt's key and, when an attempt fails, writes the next
+//!   credential and flags the response with [`retry_contract::RETRY_HEADER`], which the route retries
+//!   on (up to N times) and removes before the client. A header-based route would not change cluster
+//!   on retry (checked on Envoy 1.40).
 
-use crate::prepare::{Prepared, ADMIN_CLUSTER};
+use crate::prepare::{Prepared, ADMIN_CLUSTER, NO_CREDENTIAL_CLUSTER};
 use filter::config::{Credential, LogLevel, Scheme};
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -16,9 +26,26 @@ pub const VM_ID: &str = "auto_ai_router";
 /// A trap fails the request that hit it (503, never an unauthenticated pass-through) and Envoy
 /// reloads the VM, so one bad request does not leave the gateway answering 503 for good (see README).
 pub const FAILURE_POLICY: &str = "FAIL_RELOAD";
+pub use filter::retry_contract;
 pub use filter::CLUSTER_HEADER;
 /// Name of the router's HTTP filter in the chain (and in `typed_per_filter_config`).
 pub const ROUTER_FILTER_NAME: &str = "auto_ai_router";
+/// Name of the upstream HTTP filter in each credential cluster (when retries are on).
+pub const UPSTREAM_FILTER_NAME: &str = "auto_ai_router_upstream";
+/// The matcher cluster specifier's action type (a credential name → its cluster).
+const CLUSTER_ACTION_TYPE: &str = "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.ClusterAction";
+/// What the `/v1/` route retries on. `retriable-headers`: the upstream filter flagged a failed
+/// attempt (a status in `retry_on_status`) and already chose the next credential; the others are
+/// failures without a provider response (refused connection, reset before or after the request was
+/// sent but before any response byte), after which the upstream filter also chose the next one.
+/// Envoy never retries once response headers went to the client (an SSE stream is never restarted).
+pub const RETRY_ON: &str = "retriable-headers,connect-failure,reset-before-request,reset";
+/// Envoy's filter-state key for the filter's `set_property(PLAN_PROPERTY)` (wasm properties are
+/// kept under `wasm.<name>`, as [`retry_contract::NEXT_FILTER_STATE`] is for `NEXT_PROPERTY`).
+pub const PLAN_FILTER_STATE: &str = "wasm.auto_ai_router_plan";
+/// Concurrent retries per cluster: retries go to other credentials, so a key that fails under
+/// load should be able to move all its traffic (Envoy's default is 3; overflow means no retry).
+pub const MAX_CONCURRENT_RETRIES: u32 = 1000;
 /// Extra request-body buffer above `max_body_size` so the filter's own 413 (OpenAI JSON) fires
 /// before Envoy's plain one.
 pub const BODY_BUFFER_SLACK: u64 = 1 << 20;
@@ -163,12 +190,101 @@ fn disable_wasm() -> Value {
     Value::Object(m)
 }
 
+/// `max_provider_retries` > 0: the route follows the filter's per-attempt choice and retries.
+fn retries_on(p: &Prepared) -> bool {
+    p.config.server.max_provider_retries > 0
+}
+
+/// Filter state (written by the filter) → the credential's cluster, and
+/// [`retry_contract::NO_CREDENTIAL`] → [`NO_CREDENTIAL_CLUSTER`], which has no endpoint: Envoy
+/// answers 503 (`UH`) at once and stops. A value matching no cluster would not do: on a retry
+/// Envoy 1.40 then keeps the previous attempt's cluster (checked: a refused connection was retried
+/// on the same dead credential until `num_retries` ran out). No filter state at all (the filter
+/// did not route the request) matches nothing: 503 `NC`.
+fn cluster_specifier(p: &Prepared) -> Value {
+    let action = |cluster: &str| json!({"action": {"name": "cluster", "typed_config": {"@type": CLUSTER_ACTION_TYPE, "cluster": cluster}}});
+    let mut map = serde_json::Map::new();
+    for c in &p.config.credentials {
+        map.insert(c.name.clone(), action(&c.name));
+    }
+    map.insert(retry_contract::NO_CREDENTIAL.to_string(), action(NO_CREDENTIAL_CLUSTER));
+    json!({"extension": {
+        "name": "envoy.router.cluster_specifier_plugin.matcher",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.MatcherClusterSpecifier",
+            "cluster_matcher": {"matcher_tree": {
+                "input": {"name": "next_credential", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.FilterStateInput",
+                    "key": retry_contract::NEXT_FILTER_STATE,
+                }},
+                "exact_match_map": {"map": map},
+            }},
+        },
+    }})
+}
+
+/// The `/v1/` route, and the same route again as `v1_routed`, first in the list, matching any path
+/// of a request the filter has routed (its filter state is set). Envoy re-matches routes after the
+/// filter clears the route cache and, with `refresh_cluster_on_retry`, before every retry — both
+/// times on the path as rewritten for a credential (`base_url` path + client path, e.g.
+/// `/openai/v1/chat/completions`), which `/v1/` no longer matches (checked on Envoy 1.40: 404 from
+/// `not_found`). Filter state cannot come from a client, unlike a header: a path-independent route
+/// keyed on the cluster header would let a client send any path to a provider past the filter,
+/// which leaves paths outside `/v1/` untouched.
+fn v1_routes(p: &Prepared, timeout: String, body_limit: u64) -> [Value; 2] {
+    let v1 = v1_route(p, timeout, body_limit);
+    let mut routed = v1.clone();
+    routed["name"] = json!("v1_routed");
+    routed["match"] = json!({"prefix": "/", "filter_state": [{
+        "key": retry_contract::NEXT_FILTER_STATE,
+        "string_match": {"safe_regex": {"regex": ".+"}},
+    }]});
+    [routed, v1]
+}
+
+fn v1_route(p: &Prepared, timeout: String, body_limit: u64) -> Value {
+    let mut route = json!({
+        "name": "v1",
+        "match": {"prefix": "/v1/"},
+        "route": {
+            "timeout": timeout,
+            // Long SSE streams: no idle cut-off on this route (it overrides the listener's
+            // stream_idle_timeout; the route timeout bounds the request).
+            "idle_timeout": "0s",
+        },
+        // The filter buffers the whole body before routing: allow max_body_size (plus slack).
+        // Retries replay the body from this buffer too, so every accepted body stays retryable.
+        "request_body_buffer_limit": body_limit,
+        // The cluster choice is internal: providers never see it.
+        "request_headers_to_remove": [CLUSTER_HEADER],
+    });
+    if retries_on(p) {
+        route["route"]["inline_cluster_specifier_plugin"] = cluster_specifier(p);
+        route["route"]["retry_policy"] = json!({
+            "retry_on": RETRY_ON,
+            "retriable_headers": [{"name": retry_contract::RETRY_HEADER, "present_match": true}],
+            "num_retries": p.config.server.max_provider_retries,
+            // Re-run the cluster specifier per attempt: the next credential's cluster.
+            "refresh_cluster_on_retry": true,
+            // Another key, not the same one later: retry at once (Envoy's minimum is 1 ms).
+            "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
+        });
+        // The retry flag is between the upstream filter and the router: never to the client.
+        route["response_headers_to_remove"] = json!([retry_contract::RETRY_HEADER]);
+    } else {
+        route["route"]["cluster_header"] = json!(CLUSTER_HEADER);
+    }
+    route
+}
+
 fn routes(p: &Prepared) -> Vec<Value> {
     // No request_timeout (-1) is "0s": Envoy's "no route timeout".
     let timeout = p.config.server.request_timeout.map(duration_ms).unwrap_or_else(|| "0s".into());
     let body_limit = p.config.server.max_body_size_bytes + BODY_BUFFER_SLACK;
     let not_found = filter::errors::body(404, "Not found: the router serves /v1/*, /health and /metrics", Some("not_found"));
+    let [routed, v1] = v1_routes(p, timeout, body_limit);
     vec![
+        routed,
         json!({
             "name": "metrics",
             "match": {"path": "/metrics"},
@@ -181,23 +297,7 @@ fn routes(p: &Prepared) -> Vec<Value> {
             // The filter answers /health itself; the route only has to reach it.
             "route": {"cluster_header": CLUSTER_HEADER, "timeout": "10s"},
         }),
-        json!({
-            "name": "v1",
-            "match": {"prefix": "/v1/"},
-            "route": {
-                "cluster_header": CLUSTER_HEADER,
-                "timeout": timeout,
-                // Long SSE streams: no idle cut-off on this route (it overrides the listener's
-                // stream_idle_timeout; the route timeout bounds the request).
-                "idle_timeout": "0s",
-                // Only failures where the provider cannot have seen the request; on the same credential.
-                "retry_policy": {"retry_on": "connect-failure,reset-before-request", "num_retries": 1},
-            },
-            // The filter buffers the whole body before routing: allow max_body_size (plus slack).
-            "request_body_buffer_limit": body_limit,
-            // The cluster choice is internal: providers never see it.
-            "request_headers_to_remove": [CLUSTER_HEADER],
-        }),
+        v1,
         json!({
             "name": "not_found",
             "match": {"prefix": "/"},
@@ -215,7 +315,7 @@ fn routes(p: &Prepared) -> Vec<Value> {
 /// wasm failure policy's 503 (a VM trap, or a worker whose VM is being reloaded), which Envoy
 /// sends with an empty body; matched on its response code details. The filter's own JSON replies
 /// match neither and pass unchanged.
-fn local_reply_config() -> Value {
+fn local_reply_config(retries: bool) -> Value {
     let mapper = |flags: &[&str], kind: &str, code: &str| {
         json!({
             "filter": {"response_flag_filter": {"flags": flags}},
@@ -224,8 +324,28 @@ fn local_reply_config() -> Value {
             }}},
         })
     };
-    json!({"mappers": [
-        mapper(&["UT"], "timeout_error", "upstream_timeout"),
+    let mut mappers = vec![mapper(&["UT"], "timeout_error", "upstream_timeout")];
+    if retries {
+        // The filter wrote NO_CREDENTIAL after a failure without a provider response (every
+        // other credential was tried or is unavailable): Envoy's 503 from the endpoint-less cluster.
+        mappers.push(json!({
+            "filter": {"and_filter": {"filters": [
+                {"response_flag_filter": {"flags": ["UH"]}},
+                {"extension_filter": {
+                    "name": "envoy.access_loggers.extension_filters.cel",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                        "expression": format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'"),
+                    },
+                }},
+            ]}},
+            "body_format_override": {"json_format": {"error": {
+                "message": "No credential is available: every credential that could serve this request failed or was already tried",
+                "type": "service_unavailable_error", "param": null, "code": "no_credential_available",
+            }}},
+        }));
+    }
+    mappers.extend([
         mapper(&["UF", "UH", "UC", "URX", "UO", "NC", "UMSDR", "DC"], "service_unavailable_error", "upstream_unavailable"),
         json!({
             "filter": {"extension_filter": {
@@ -240,7 +360,8 @@ fn local_reply_config() -> Value {
                 "type": "service_unavailable_error", "param": null, "code": "router_unavailable",
             }}},
         }),
-    ]})
+    ]);
+    json!({"mappers": mappers})
 }
 
 fn access_log() -> Value {
@@ -281,7 +402,7 @@ fn listener(p: &Prepared, o: &RenderOptions) -> Value {
             "name": "auto_ai_router",
             "virtual_hosts": [{"name": "auto_ai_router", "domains": ["*"], "routes": routes(p)}],
         },
-        "local_reply_config": local_reply_config(),
+        "local_reply_config": local_reply_config(retries_on(p)),
         "http_filters": http_filters(p, o),
     });
     if o.access_log.unwrap_or(level <= LogLevel::Info) {
@@ -305,7 +426,44 @@ fn endpoint_cluster(name: &str, host: &str, port: u16) -> Value {
     json!({"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}]})
 }
 
-fn credential_cluster(c: &Credential, o: &RenderOptions) -> Value {
+/// The upstream HTTP filter chain of a credential cluster when retries are on: the same `.wasm`,
+/// VM and configuration string as the downstream filter (one VM per worker, shared data shared;
+/// one identical string gives one upstream root context per worker), its own root id, then the
+/// codec Envoy requires last.
+///
+/// The wasm filter is skipped (`match_delegate`, `SkipFilter`) for requests without the filter's
+/// plan in filter state: the filter's own `/v1/models` fetches through these clusters. Envoy
+/// creates the upstream filter's context synchronously inside `dispatch_http_call`, re-entering
+/// the VM from the root's `on_tick`, and the proxy-wasm 0.2.5 SDK panics there ("RefCell already
+/// mutably borrowed"; checked on Envoy 1.40: the fetch failed and the VM trapped). A skipped
+/// filter never gets a context. Router requests always have a plan (no plan: no route, 503 NC).
+fn upstream_filters(p: &Prepared, o: &RenderOptions) -> Value {
+    let wasm = wasm_filter(UPSTREAM_FILTER_NAME, retry_contract::UPSTREAM_ROOT_ID, &p.plugin_json(), &o.wasm_path, &p.env_names());
+    let no_plan = json!({"not_matcher": {"single_predicate": {
+        "input": {"name": "plan", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.FilterStateInput",
+            "key": PLAN_FILTER_STATE,
+        }},
+        "value_match": {"safe_regex": {"google_re2": {}, "regex": "(?s).*"}},
+    }}});
+    json!([
+        {"name": UPSTREAM_FILTER_NAME, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": wasm,
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": no_plan,
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter",
+                }}},
+            }]}},
+        }},
+        {"name": "envoy.filters.http.upstream_codec",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+    ])
+}
+
+/// One cluster per credential; `upstream` is the upstream filter chain (retries on) or None.
+fn credential_cluster(c: &Credential, o: &RenderOptions, upstream: Option<&Value>) -> Value {
     let ip = c.host.parse::<IpAddr>().ok();
     let mut cluster = json!({
         "name": c.name,
@@ -314,7 +472,8 @@ fn credential_cluster(c: &Credential, o: &RenderOptions) -> Value {
         "load_assignment": endpoint_cluster(&c.name, &c.host, c.port),
         "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT",
-            "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000, "max_retries": 10,
+            "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000,
+            "max_retries": if upstream.is_some() { MAX_CONCURRENT_RETRIES } else { 10 },
         }]},
     });
     if ip.is_none() {
@@ -322,7 +481,7 @@ fn credential_cluster(c: &Credential, o: &RenderOptions) -> Value {
     }
     // Close idle upstream connections before providers typically do, so none is reused half-closed.
     let common = json!({"idle_timeout": "50s"});
-    let options = match c.scheme {
+    let mut options = match c.scheme {
         Scheme::Https => json!({
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "common_http_protocol_options": common,
@@ -335,6 +494,9 @@ fn credential_cluster(c: &Credential, o: &RenderOptions) -> Value {
             "explicit_http_config": {"http_protocol_options": {}},
         }),
     };
+    if let Some(filters) = upstream {
+        options["http_filters"] = filters.clone();
+    }
     cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options});
     if c.scheme == Scheme::Https {
         let san = if ip.is_some() {
@@ -374,7 +536,18 @@ fn stats_config() -> Value {
 
 /// The complete bootstrap.
 pub fn render(p: &Prepared, o: &RenderOptions) -> Value {
-    let mut clusters: Vec<Value> = p.config.credentials.iter().map(|c| credential_cluster(c, o)).collect();
+    let upstream = retries_on(p).then(|| upstream_filters(p, o));
+    let mut clusters: Vec<Value> = p.config.credentials.iter().map(|c| credential_cluster(c, o, upstream.as_ref())).collect();
+    if upstream.is_some() {
+        clusters.push(json!({
+            "name": NO_CREDENTIAL_CLUSTER,
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {"cluster_name": NO_CREDENTIAL_CLUSTER, "endpoints": []},
+            // Envoy counts the retry that lands here against this cluster's retry budget.
+            "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_RETRIES}]},
+        }));
+    }
     clusters.push(json!({
         "name": ADMIN_CLUSTER,
         "connect_timeout": "1s",
@@ -485,7 +658,6 @@ mod tests {
     fn routes_send_only_health_and_v1_through_the_filter() {
         let b = bootstrap_for("");
         assert_eq!(route(&b, "v1")["match"], json!({"prefix": "/v1/"}));
-        assert_eq!(route(&b, "v1")["route"]["cluster_header"], CLUSTER_HEADER);
         assert_eq!(route(&b, "v1")["request_headers_to_remove"], json!([CLUSTER_HEADER]));
         assert_eq!(route(&b, "health")["match"], json!({"path": "/health"}));
         assert_eq!(route(&b, "metrics")["route"]["prefix_rewrite"], "/stats/prometheus");
@@ -511,6 +683,17 @@ mod tests {
         assert_eq!(flags.len(), 2);
         assert!(flags[0].as_array().unwrap().contains(&json!("UT")));
         assert!(flags[1].as_array().unwrap().contains(&json!("UF")));
+        // Retries on: the no-credential cluster's 503 has its own message, before the generic
+        // upstream mapper (first match wins).
+        let none = &mappers[1];
+        assert_eq!(at(none, "/filter/and_filter/filters/0/response_flag_filter/flags"), &json!(["UH"]));
+        let cel = at(none, "/filter/and_filter/filters/1/extension_filter/typed_config/expression").as_str().unwrap();
+        assert_eq!(cel, format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'"));
+        assert_eq!(at(none, "/body_format_override/json_format/error/code"), "no_credential_available");
+        let off = bootstrap_for("  max_provider_retries: 0\n");
+        let off_mappers = at(&off, &format!("{HCM}/local_reply_config/mappers")).as_array().unwrap();
+        assert_eq!(off_mappers.len(), mappers.len() - 1);
+        assert!(off_mappers.iter().all(|m| m.pointer("/filter/and_filter").is_none()));
         let trap =
             mappers.iter().find(|m| m.pointer("/filter/extension_filter").is_some()).expect("a mapper for the wasm failure policy's 503");
         let cel = at(trap, "/filter/extension_filter/typed_config/expression").as_str().unwrap();
@@ -536,6 +719,165 @@ mod tests {
         assert_eq!(tls["sni"], "api.example.com");
         assert_eq!(at(tls, "/common_tls_context/validation_context/trusted_ca/filename"), "/ca.pem");
         assert_eq!(at(tls, "/common_tls_context/validation_context/match_typed_subject_alt_names/0/matcher/exact"), "api.example.com");
+    }
+
+    fn two_credentials(server_extra: &str) -> Value {
+        let text = format!(
+            "server:\n  master_key: \"{MASTER}\"\n{server_extra}credentials:\n  - name: a\n    api_key: \"{KEY}\"\n    base_url: \"https://api.example.com/v1\"\n  - name: b.2\n    api_key: \"{KEY}\"\n    base_url: \"http://127.0.0.1:9000/prefix\"\n"
+        );
+        let p = prepare(&text, None, &|_| None, "config.yaml", "models.yaml").unwrap_or_else(|e| panic!("{e}"));
+        render(&p, &RenderOptions { ca_bundle: "/ca.pem".into(), ..RenderOptions::default() })
+    }
+
+    fn clusters(b: &Value) -> &Vec<Value> {
+        at(b, "/static_resources/clusters").as_array().unwrap()
+    }
+
+    const PROTO: &str = "/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+    #[test]
+    fn retries_on_route_through_the_filter_state_matcher_with_a_retry_policy() {
+        let b = two_credentials("  max_provider_retries: 3\n");
+        let v1 = route(&b, "v1");
+        assert!(v1.pointer("/route/cluster_header").is_none(), "a cluster_header route does not change cluster on retry");
+        let spec = at(v1, "/route/inline_cluster_specifier_plugin/extension");
+        assert_eq!(spec["name"], "envoy.router.cluster_specifier_plugin.matcher");
+        let tree = at(spec, "/typed_config/cluster_matcher/matcher_tree");
+        assert_eq!(
+            at(tree, "/input/typed_config/@type"),
+            "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.FilterStateInput"
+        );
+        assert_eq!(at(tree, "/input/typed_config/key"), retry_contract::NEXT_FILTER_STATE);
+        let map = at(tree, "/exact_match_map/map").as_object().unwrap();
+        assert_eq!(map.keys().collect::<Vec<_>>(), [retry_contract::NO_CREDENTIAL, "a", "b.2"]);
+        for (name, entry) in map {
+            assert_eq!(at(entry, "/action/typed_config/@type"), CLUSTER_ACTION_TYPE);
+            let want = if name == retry_contract::NO_CREDENTIAL { NO_CREDENTIAL_CLUSTER } else { name.as_str() };
+            assert_eq!(at(entry, "/action/typed_config/cluster"), want);
+        }
+        // NO_CREDENTIAL goes to a cluster without endpoints (Envoy's immediate 503, no further
+        // attempt), and nothing routes a request the filter did not choose for.
+        let none = clusters(&b).iter().find(|c| c["name"] == NO_CREDENTIAL_CLUSTER).expect("the no-credential cluster");
+        assert_eq!(at(none, "/load_assignment/endpoints"), &json!([]));
+        assert!(at(spec, "/typed_config/cluster_matcher").get("on_no_match").is_none());
+
+        let policy = at(v1, "/route/retry_policy");
+        assert_eq!(policy["retry_on"], "retriable-headers,connect-failure,reset-before-request,reset");
+        assert_eq!(policy["retriable_headers"], json!([{"name": retry_contract::RETRY_HEADER, "present_match": true}]));
+        assert_eq!(policy["num_retries"], 3);
+        assert_eq!(policy["refresh_cluster_on_retry"], true);
+        assert_eq!(policy["retry_back_off"], json!({"base_interval": "0.001s", "max_interval": "0.002s"}));
+        assert_eq!(v1["response_headers_to_remove"], json!([retry_contract::RETRY_HEADER]));
+        assert_eq!(v1["request_headers_to_remove"], json!([CLUSTER_HEADER]));
+        // Retries replay the body from the route's buffer: it holds every accepted body.
+        assert_eq!(v1["request_body_buffer_limit"], json!(100 * 1024 * 1024 + BODY_BUFFER_SLACK));
+        // The default is 2.
+        assert_eq!(at(route(&two_credentials(""), "v1"), "/route/retry_policy/num_retries"), 2);
+    }
+
+    #[test]
+    fn retries_on_every_credential_cluster_runs_the_upstream_filter_before_the_codec() {
+        let b = two_credentials("");
+        let downstream = at(&b, &format!("{HCM}/http_filters/0/typed_config/config")).clone();
+        for name in ["a", "b.2"] {
+            let c = clusters(&b).iter().find(|c| c["name"] == name).unwrap();
+            let proto = at(c, PROTO);
+            let filters = at(proto, "/http_filters").as_array().unwrap();
+            assert_eq!(filters.len(), 2, "{name}");
+            assert_eq!(filters[0]["name"], UPSTREAM_FILTER_NAME);
+            // Skipped for requests without a plan (the filter's own model-list fetches).
+            let delegate = at(&filters[0], "/typed_config");
+            assert_eq!(delegate["@type"], "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher");
+            let m = at(delegate, "/xds_matcher/matcher_list/matchers/0");
+            assert_eq!(at(m, "/predicate/not_matcher/single_predicate/input/typed_config/key"), PLAN_FILTER_STATE);
+            assert_eq!(
+                at(m, "/on_match/action/typed_config/@type"),
+                "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
+            );
+            let up = at(delegate, "/extension_config/typed_config/config");
+            assert_eq!(up["root_id"], retry_contract::UPSTREAM_ROOT_ID);
+            assert_ne!(up["root_id"], downstream["root_id"]);
+            // Same VM (vm_id, code, env keys), same configuration string, same failure policy.
+            for field in ["vm_config", "configuration", "failure_policy", "reload_config"] {
+                assert_eq!(up[field], downstream[field], "{name}: {field}");
+            }
+            assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
+            assert_eq!(
+                at(&filters[1], "/typed_config/@type"),
+                "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            );
+            assert_eq!(at(c, "/circuit_breakers/thresholds/0/max_retries"), MAX_CONCURRENT_RETRIES);
+        }
+        // Merged with the protocol settings each scheme already had.
+        let a = clusters(&b).iter().find(|c| c["name"] == "a").unwrap();
+        assert!(a.pointer(&format!("{PROTO}/auto_config")).is_some());
+        let b2 = clusters(&b).iter().find(|c| c["name"] == "b.2").unwrap();
+        assert_eq!(at(b2, &format!("{PROTO}/explicit_http_config")), &json!({"http_protocol_options": {}}));
+        assert_eq!(at(b2, &format!("{PROTO}/common_http_protocol_options/idle_timeout")), "50s");
+        // The admin cluster has no filter.
+        let admin = clusters(&b).iter().find(|c| c["name"] == ADMIN_CLUSTER).unwrap();
+        assert!(admin.get("typed_extension_protocol_options").is_none());
+        // Still no secret anywhere, the upstream filter's copy of the configuration included.
+        let text = b.to_string();
+        assert!(!text.contains(KEY) && !text.contains(MASTER));
+    }
+
+    #[test]
+    fn a_routed_request_keeps_its_route_on_any_path() {
+        for (setting, cluster_header) in [("", false), ("  max_provider_retries: 0\n", true)] {
+            let b = two_credentials(setting);
+            let routes = at(&b, &format!("{HCM}/route_config/virtual_hosts/0/routes")).as_array().unwrap();
+            // First, so a prefixed path (/prefix/v1/...) after the filter's rewrite or before a
+            // retry still finds it; keyed on filter state, which only the filter writes.
+            let routed = &routes[0];
+            assert_eq!(routed["name"], "v1_routed", "{setting:?}");
+            assert_eq!(
+                routed["match"],
+                json!({"prefix": "/", "filter_state": [{"key": retry_contract::NEXT_FILTER_STATE, "string_match": {"safe_regex": {"regex": ".+"}}}]})
+            );
+            let v1 = route(&b, "v1");
+            for field in ["route", "request_body_buffer_limit", "request_headers_to_remove", "response_headers_to_remove"] {
+                assert_eq!(routed.get(field), v1.get(field), "{setting:?}: {field}");
+            }
+            assert_eq!(routed.pointer("/route/cluster_header").is_some(), cluster_header);
+            // Never a route any client header can reach on any path.
+            for r in routes {
+                assert!(r.pointer("/match/headers").is_none(), "{r}");
+            }
+        }
+    }
+
+    #[test]
+    fn retries_off_render_nothing_retry_related() {
+        let b = two_credentials("  max_provider_retries: 0\n");
+        let v1 = route(&b, "v1");
+        assert_eq!(v1["route"]["cluster_header"], CLUSTER_HEADER);
+        assert!(v1.pointer("/route/retry_policy").is_none(), "{v1}");
+        assert!(v1.pointer("/route/inline_cluster_specifier_plugin").is_none());
+        assert!(v1.get("response_headers_to_remove").is_none());
+        assert_eq!(v1["request_headers_to_remove"], json!([CLUSTER_HEADER]));
+        for c in clusters(&b) {
+            assert!(c.pointer(&format!("{PROTO}/http_filters")).is_none(), "{}", c["name"]);
+            assert_ne!(c["name"], NO_CREDENTIAL_CLUSTER);
+        }
+        let text = b.to_string();
+        for needle in [
+            retry_contract::UPSTREAM_ROOT_ID,
+            retry_contract::RETRY_HEADER,
+            "retry_policy",
+            "upstream_codec",
+            "cluster_specifier",
+            NO_CREDENTIAL_CLUSTER,
+        ] {
+            assert!(!text.contains(needle), "{needle} in a bootstrap without retries");
+        }
+        assert_eq!(route(&b, "health")["route"]["cluster_header"], CLUSTER_HEADER);
+    }
+
+    #[test]
+    fn filter_state_keys_follow_the_property_names() {
+        assert_eq!(PLAN_FILTER_STATE, format!("wasm.{}", retry_contract::PLAN_PROPERTY));
+        assert_eq!(retry_contract::NEXT_FILTER_STATE, format!("wasm.{}", retry_contract::NEXT_PROPERTY));
     }
 
     #[test]

@@ -160,7 +160,8 @@ fn example_config_renders_a_bootstrap_envoy_accepts() {
     // on /v1/, while the listener keeps its 300 s stream idle timeout.
     assert_eq!(route(&b, "v1")["route"]["timeout"], "300s");
     assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "0s");
-    assert_eq!(route(&b, "v1")["route"]["cluster_header"], "x-auto-ai-router-cluster");
+    // The default max_provider_retries (2): the route follows the filter's per-attempt choice.
+    assert_eq!(at(route(&b, "v1"), "/route/retry_policy/num_retries"), 2);
     assert_eq!(route(&b, "metrics")["route"]["prefix_rewrite"], "/stats/prometheus");
     assert_eq!(at(&b, &format!("{HCM}/stream_idle_timeout")), "300s");
     assert_eq!(at(&b, &format!("{HCM}/request_headers_timeout")), "10s");
@@ -173,6 +174,47 @@ fn example_config_renders_a_bootstrap_envoy_accepts() {
     let (ok, log) = envoy_validate(&dir.join("envoy.yaml"), &env);
     assert!(ok, "envoy --mode validate rejected the example bootstrap:\n{log}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Both retry layouts pass `envoy --mode validate` with the real filter: retries on (the default:
+/// filter-state matcher route, retry policy, the upstream filter in every credential cluster, the
+/// no-credential cluster) and `max_provider_retries: 0` (cluster_header route, nothing retry-related).
+#[test]
+fn retry_on_and_off_bootstraps_are_accepted_by_envoy() {
+    let example = std::fs::read_to_string(examples().join("config.yaml")).unwrap();
+    assert!(!example.contains("max_provider_retries"), "the example relies on the default");
+    let env: Vec<(&str, &str)> = EXAMPLE_SECRETS.to_vec();
+    for (name, extra) in [("retries-on", "  max_provider_retries: 3\n"), ("retries-off", "  max_provider_retries: 0\n")] {
+        let dir = scratch(name);
+        let cfg = dir.join("config.yaml");
+        std::fs::write(&cfg, example.replacen("server:\n", &format!("server:\n{extra}"), 1)).unwrap();
+        let (yaml, _) = render(&cfg, &dir, &[], &[]);
+        let b = data(&yaml);
+        let v1 = route(&b, "v1");
+        let routed = route(&b, "v1_routed");
+        let clusters = at(&b, "/static_resources/clusters").as_array().unwrap();
+        let upstream_filters = clusters
+            .iter()
+            .filter(|c| {
+                c.pointer("/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/http_filters").is_some()
+            })
+            .count();
+        if name == "retries-on" {
+            assert_eq!(at(v1, "/route/retry_policy/num_retries"), 3);
+            assert!(at(v1, "/route/inline_cluster_specifier_plugin").is_object());
+            assert_eq!(upstream_filters, 2, "mock_a and mock_b run the upstream filter");
+            assert!(clusters.iter().any(|c| c["name"] == "auto_ai_router_no_credential"));
+        } else {
+            assert!(v1.pointer("/route/retry_policy").is_none());
+            assert_eq!(at(v1, "/route/cluster_header"), "x-auto-ai-router-cluster");
+            assert_eq!(upstream_filters, 0);
+            assert!(!yaml.contains("upstream_codec") && !yaml.contains("retry_policy"));
+        }
+        assert_eq!(routed["route"], v1["route"]);
+        let (ok, log) = envoy_validate(&dir.join("envoy.yaml"), &env);
+        assert!(ok, "envoy --mode validate rejected the {name} bootstrap:\n{log}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]

@@ -155,10 +155,12 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     assert_eq!(str_of(cluster, "patch.value.name"), "openai_main");
     let route = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_ROUTE").expect("HTTP_ROUTE patch");
     assert_eq!(str_of(route, "patch.value.route.cluster_header"), "x-auto-ai-router-cluster");
+    // A cluster_header route and no upstream filter: retries must be off, or no attempt is counted.
+    let plugin: serde_json::Value = serde_json::from_str(str_of(cfg, "configuration.value")).unwrap();
+    assert_eq!(plugin.pointer("/server/max_provider_retries").and_then(|n| n.as_u64()), Some(0));
     let route_name = str_of(route, "match.routeConfiguration.vhost.route.name");
     let vs = kinds("envoy/istio/virtualservice.yaml");
     let (_, v) = vs.iter().find(|(k, _)| k == "VirtualService").expect("VirtualService");
-    let plugin: serde_json::Value = serde_json::from_str(str_of(cfg, "configuration.value")).unwrap();
     let hosts: Vec<&str> =
         plugin.pointer("/server/hosts").and_then(|h| h.as_array()).expect("server.hosts").iter().filter_map(|h| h.as_str()).collect();
     let vs_hosts: Vec<&str> = get(v, "spec.hosts").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();

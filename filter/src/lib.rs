@@ -48,6 +48,7 @@ pub mod runtime;
 pub mod store;
 pub mod testing;
 pub mod upstream_status;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

@@ -26,7 +26,7 @@ pub const OVERHEAD: &str = "auto_ai_router_overhead_microseconds";
 pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
 
 /// Label keys, for the renderer's `stats_tags`.
-pub const LABELS: [&str; 5] = ["credential", "endpoint", "status", "model", "reason"];
+pub const LABELS: [&str; 6] = ["credential", "endpoint", "status", "model", "reason", "type"];
 
 /// Characters that would break tag extraction are replaced.
 fn push_clean(out: &mut String, value: &str) {

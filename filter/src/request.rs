@@ -20,6 +20,7 @@ use crate::host::{Action, Host, HostError, HostResult};
 use crate::models_index::ModelIndex;
 use crate::runtime::{HotKey, Runtime};
 use crate::upstream_status;
+use crate::usage;
 use crate::CLUSTER_HEADER;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -57,6 +58,8 @@ pub struct Request {
     start_us: u64,
     /// The response status was accounted (once per request).
     accounted: bool,
+    /// The token usage of the answer, read chunk by chunk as it streams past (never held back).
+    usage: Option<Box<usage::UsageReader>>,
 }
 
 /// The request headers the router reads, from one host call.
@@ -134,6 +137,10 @@ impl Request {
         } else {
             status
         };
+        if (200..300).contains(&status) && self.model.is_some() {
+            let format = host.response_header("content-type").ok().flatten().and_then(|c| usage::Format::from_content_type(&String::from_utf8_lossy(&c)));
+            self.usage = format.map(|f| Box::new(usage::UsageReader::new(f)));
+        }
         if rt.retries_on() {
             // The upstream filter accounted every attempt; the answer is the last credential's.
             if let Ok(Some(plan)) = attempt::read_plan(host) {
@@ -150,7 +157,50 @@ impl Request {
         Action::Continue
     }
 
+    /// Each response chunk is copied and scanned for `usage`, then passed on at once.
+    pub fn on_response_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(reader) = self.usage.as_mut() else { return Action::Continue };
+        if body_size > 0 {
+            match host.response_body(0, body_size) {
+                Ok(chunk) => reader.feed(&chunk),
+                Err(_) => {
+                    // Unreadable: this answer's usage is unknown.
+                    self.usage = None;
+                    if let (Some(rt), Phase::Routed { index }) = (rt, self.phase) {
+                        rt.increment(host, HotKey::UsageMissing(index));
+                    }
+                    return Action::Continue;
+                }
+            }
+        }
+        if end_of_stream {
+            self.finish_usage(rt, host);
+        }
+        Action::Continue
+    }
+
+    /// Charges the reported tokens to the answering credential (TPM, metrics), or counts the
+    /// answer as one without usage.
+    fn finish_usage(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        let (Some(reader), Some(rt), Phase::Routed { index }) = (self.usage.take(), rt, self.phase) else { return };
+        let model = self.model.as_deref().unwrap_or_default();
+        match reader.finish() {
+            Some(u) => {
+                rt.count_tokens(host, index, model, u.prompt, u.completion);
+                if let Some(key) = rt.keys.get(index) {
+                    if let Err(e) = balancer::charge_tokens(host, &rt.cfg, index, key, Some(model), u.total, host.now_ms()) {
+                        rt.increment(host, HotKey::StateConflicts(index));
+                        rt.log(host, LogLevel::Error, || format!("auto-ai-router: {} tokens not charged: {e:?}", u.total));
+                    }
+                }
+            }
+            None => rt.increment(host, HotKey::UsageMissing(index)),
+        }
+    }
+
     pub fn on_log(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        // A stream that ended without its last chunk (reset, client gone).
+        self.finish_usage(rt, host);
         if let (Some(rt), Phase::Routed { index }, true) = (rt, self.phase, self.accounted) {
             let elapsed = host.now_ms().saturating_sub(self.start_ms);
             rt.record(host, HotKey::Duration(index, self.endpoint), elapsed);

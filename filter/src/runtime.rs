@@ -26,8 +26,11 @@ pub struct Runtime {
     /// `auto_ai_router_model_requests_total` ids: model label → id per credential index.
     model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
     /// `auto_ai_router_tokens_total` ids (prompt, completion): model label → per credential index.
-    token_ids: RefCell<HashMap<String, Vec<Option<[u32; 2]>>, FxBuildHasher>>,
+    token_ids: RefCell<HashMap<String, Vec<Option<TokenIds>>, FxBuildHasher>>,
 }
+
+/// The prompt and completion series of one (credential, model).
+type TokenIds = [u32; 2];
 
 /// A series by its label values (credential as an index): its id is looked up without building or
 /// hashing a stat name. Model series are kept apart in `model_ids` (their labels are not static).

@@ -228,3 +228,48 @@ fn the_overhead_histogram_records_routed_and_refused_requests() {
     Request::default().on_request_headers(Some(&rt), &h, true);
     assert!(h.metrics.borrow().contains_key("auto_ai_router_overhead_microseconds"), "a local reply is timed too");
 }
+
+/// The response phase of a routed request: headers, then the body in `chunks`.
+fn respond(rt: &Runtime, h: &MemHost, r: &mut Request, content_type: &str, chunks: &[&[u8]]) {
+    *h.response_headers.borrow_mut() = vec![(":status".into(), b"200".to_vec()), ("content-type".into(), content_type.as_bytes().to_vec())];
+    r.on_response_headers(Some(rt), h);
+    for (i, c) in chunks.iter().enumerate() {
+        *h.response_chunk.borrow_mut() = c.to_vec();
+        r.on_response_body(Some(rt), h, c.len(), i + 1 == chunks.len());
+    }
+    r.on_log(Some(rt), h);
+}
+
+#[test]
+fn reported_tokens_are_counted_and_charged_to_tpm_and_missing_usage_is_counted() {
+    let text = format!(
+        "server: {{master_key: {MASTER}, default_models_rpm: -1, max_provider_retries: 0}}\ncredentials:\n  - {{name: c1, api_key: sk-c1-secret, base_url: 'http://c1.test', tpm: 100}}\n"
+    );
+    let rt = Runtime::new(config::load(&text, &|_| None).unwrap());
+    let store = Rc::new(MemStore::default());
+    let json = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":20,"completion_tokens":40,"total_tokens":60}}"#;
+    let sse: [&[u8]; 3] = [b"data: {\"choices\":[{\"delta\":{}}]}\n\n", b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"comp", b"letion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n"];
+    // One host for all requests: metric ids are cached per runtime.
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    let served = |body_chunks: &[&[u8]], ct: &str| {
+        *h.request_headers.borrow_mut() = chat_headers("r").iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        *h.reply.borrow_mut() = None;
+        let mut r = Request::default();
+        r.on_request_headers(Some(&rt), &h, false);
+        let routed = r.on_request_body(Some(&rt), &h, 13, true);
+        if routed == Action::Continue {
+            respond(&rt, &h, &mut r, ct, body_chunks);
+        }
+        routed
+    };
+    let tokens = |kind: &str| h.metric(&format!("auto_ai_router_tokens_total.credential=.=c1;.;.model=.=m;.;.type=.={kind};.;"));
+    assert_eq!(served(&[&json[..30], &json[30..]], "application/json"), Action::Continue);
+    assert_eq!((tokens("prompt"), tokens("completion")), (20, 40));
+    assert_eq!(served(&sse, "text/event-stream; charset=utf-8"), Action::Continue, "60 < 100 at the check");
+    assert_eq!((tokens("prompt"), tokens("completion")), (25, 47), "the usage event of a stream, split across chunks");
+    assert_eq!(served(&[b"{\"no\":\"usage\"}"], "application/json"), Action::Continue, "72 < 100");
+    assert_eq!(h.metric("auto_ai_router_usage_missing_total.credential=.=c1;.;"), 1);
+    assert_eq!(served(&[json], "application/json"), Action::Continue, "72 < 100");
+    assert_eq!(served(&[json], "application/json"), Action::Pause, "132 >= 100: refused until tokens leave the window");
+    assert_eq!(reply_json(&h).0, 429);
+}

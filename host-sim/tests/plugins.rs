@@ -6,7 +6,6 @@ use host_sim::*;
 const MASTER: &str = "sk-master-0123456789";
 const CHAT: &str = "/v1/chat/completions";
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-const UP: &str = "auto_ai_router_upstream";
 
 fn cfg(names: &[&str]) -> String {
     let creds: String = names

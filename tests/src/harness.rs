@@ -118,9 +118,9 @@ pub fn control(m: &BackgroundMock, patch: Value) {
     m.mock.set_settings(s);
 }
 
-/// The mock's logged requests that are not model-list fetches (`GET /v1/models...`).
+/// The mock's logged requests that are not model-list fetches (`GET [base path]/v1/models...`).
 pub fn api_log(m: &BackgroundMock) -> Vec<LogEntry> {
-    m.mock.stats().log.into_iter().filter(|e| !(e.method == "GET" && e.path.starts_with("/v1/models"))).collect()
+    m.mock.stats().log.into_iter().filter(|e| !(e.method == "GET" && e.path.contains("/v1/models"))).collect()
 }
 
 /// A port that refuses connections (bound then closed).

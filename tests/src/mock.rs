@@ -7,7 +7,8 @@
 //!
 //! Test hooks (no auth): `GET /_stats` (counts per key, model, path and status, the last request,
 //! a bounded request log), `POST /_reset` (clear the stats), `GET /_control` (current settings),
-//! `POST /_control` (merge a JSON object into the settings: failure injection, delays, models, keys),
+//! `POST /_control` (merge a JSON object into the settings: failure injection with chosen status and
+//! headers, extra response headers, delays, models, keys),
 //! `GET /health`.
 
 use bytes::Bytes;
@@ -59,6 +60,13 @@ pub struct Settings {
     pub delay_ms: u64,
     /// Status of injected failures.
     pub fail_status: u16,
+    /// Headers of injected failures; None = `retry-after: 1` on a 429 and nothing else, Some = exactly
+    /// these (`{}` for a 429 without any hint), e.g. `{"retry-after": "30"}` or
+    /// `{"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}`.
+    pub fail_headers: Option<BTreeMap<String, String>>,
+    /// Headers added to every `/v1/*` answer that is not an injected failure (e.g. OpenAI's
+    /// `x-ratelimit-*` on a 200, or a header a router should ignore).
+    pub response_headers: BTreeMap<String, String>,
     /// Fail every Nth request in scope (0 = off).
     pub fail_every: u64,
     /// Fail this percentage (0-100) of requests in scope.
@@ -77,6 +85,9 @@ pub struct Settings {
     pub fault_scope: FaultScope,
     /// Embedding vector length (when the request gives no `dimensions`).
     pub embedding_dims: usize,
+    /// A base path the mock serves its API under (e.g. `/pa` for a `base_url` of `http://host/pa`):
+    /// removed before routing; the log and stats keep the path as received.
+    pub path_prefix: String,
 }
 
 impl Default for Settings {
@@ -90,6 +101,8 @@ impl Default for Settings {
             chunk_delay_ms: 10,
             delay_ms: 0,
             fail_status: 500,
+            fail_headers: None,
+            response_headers: BTreeMap::new(),
             fail_every: 0,
             fail_percent: 0.0,
             fail_next: 0,
@@ -99,6 +112,7 @@ impl Default for Settings {
             abort_stream_after: None,
             fault_scope: FaultScope::Inference,
             embedding_dims: 8,
+            path_prefix: String::new(),
         }
     }
 }
@@ -111,6 +125,10 @@ pub struct LogEntry {
     pub path: String,
     /// The bearer key presented (empty when none).
     pub key: String,
+    /// The `Host` header (HTTP/1.1) or URI authority (HTTP/2) the request came with.
+    pub host: String,
+    /// Bytes of request body received.
+    pub body_len: usize,
     pub model: Option<String>,
     pub stream: bool,
     /// Status sent; 0 = connection dropped.
@@ -186,6 +204,15 @@ fn json_response(status: u16, name: &str, v: &Value) -> Response<Body> {
 
 fn openai_error(status: u16, name: &str, message: &str, kind: &str, code: &str) -> Response<Body> {
     json_response(status, name, &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))
+}
+
+/// Adds (replacing) `headers` to a response; names or values that are not valid HTTP are skipped.
+fn add_headers(resp: &mut Response<Body>, headers: &BTreeMap<String, String>) {
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (hyper::header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
 }
 
 /// Merges `patch` (a JSON object) into `settings`; unknown keys are an error.
@@ -370,7 +397,12 @@ impl Mock {
             }
             _ => {}
         }
-        if !path.starts_with("/v1/") {
+        let prefix = self.settings().path_prefix;
+        let api_path = match path.strip_prefix(prefix.as_str()) {
+            Some(rest) if !prefix.is_empty() && rest.starts_with('/') => rest.to_string(),
+            _ => path.clone(),
+        };
+        if !api_path.starts_with("/v1/") {
             return Ok(openai_error(404, &name, &format!("mock: no route for {path}"), "not_found_error", "not_found"));
         }
 
@@ -382,6 +414,10 @@ impl Mock {
             .map(|(k, v)| (k.as_str().to_string(), Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
             .collect();
         let authority = req.uri().authority().map(|a| a.to_string());
+        let host = authority
+            .clone()
+            .or_else(|| req.headers().get(hyper::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
+            .unwrap_or_default();
         let key = req
             .headers()
             .get(AUTHORIZATION)
@@ -410,6 +446,8 @@ impl Mock {
             method: method.to_string(),
             path: path.clone(),
             key: key.clone(),
+            host,
+            body_len: body.len(),
             model: model.clone(),
             stream,
             status: 0,
@@ -438,8 +476,12 @@ impl Mock {
                 if status == 429 { "rate_limit_error" } else { "server_error" },
                 "mock_injected",
             );
-            if status == 429 {
-                resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            match &settings.fail_headers {
+                None if status == 429 => {
+                    resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+                }
+                None => {}
+                Some(h) => add_headers(&mut resp, h),
             }
             return Ok(resp);
         }
@@ -456,7 +498,8 @@ impl Mock {
             ));
         }
 
-        let resp = self.answer(&settings, &method, &path, parsed.as_ref(), &body, seq);
+        let mut resp = self.answer(&settings, &method, &api_path, parsed.as_ref(), &body, seq);
+        add_headers(&mut resp, &settings.response_headers);
         entry.status = resp.status().as_u16();
         self.record(entry, Some(last), false, false);
         Ok(resp)
@@ -623,14 +666,16 @@ impl Mock {
             if done {
                 return None;
             }
-            if abort_after.is_some_and(|a| i >= a) {
-                // An error frame makes hyper reset the connection: the client sees a cut stream.
-                return Some((Err(std::io::Error::other("mock: stream aborted on purpose")), (it, i, true)));
-            }
-            let ev = it.next()?;
+            let abort = abort_after.is_some_and(|a| i >= a);
+            let ev = if abort { None } else { Some(it.next()?) };
+            // The pause comes before an abort too, so the events before it reach the client first.
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            let Some(ev) = ev else {
+                // An error frame makes hyper reset the connection: the client sees a cut stream.
+                return Some((Err(std::io::Error::other("mock: stream aborted on purpose")), (it, i, true)));
+            };
             Some((Ok(Frame::data(ev)), (it, i + 1, false)))
         });
         let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -712,5 +757,14 @@ mod tests {
         assert_eq!(m.models, vec!["a".to_string()]);
         assert_eq!(m.keys, s.keys);
         assert!(merge_settings(&s, &json!({"nope": 1})).is_err());
+        let m = merge_settings(&s, &json!({"fail_headers": {"retry-after": "30"}, "response_headers": {"x-a": "1"}, "path_prefix": "/pa"}))
+            .unwrap();
+        assert_eq!(m.fail_headers.unwrap()["retry-after"], "30");
+        assert_eq!(m.response_headers["x-a"], "1");
+        assert_eq!(merge_settings(&m_none(), &json!({"fail_headers": null})).unwrap().fail_headers, None);
+    }
+
+    fn m_none() -> Settings {
+        Settings { fail_headers: Some(BTreeMap::new()), ..Settings::default() }
     }
 }

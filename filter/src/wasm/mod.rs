@@ -145,6 +145,10 @@ impl HttpContext for Http {
         action(self.request.on_response_headers(self.rt.as_deref(), &WasmHost))
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(self.request.on_response_body(self.rt.as_deref(), &WasmHost, body_size, end_of_stream))
+    }
+
     fn on_log(&mut self) {
         self.request.on_log(self.rt.as_deref(), &WasmHost);
     }

@@ -1,5 +1,6 @@
 //! fail2ban over the wire: provider 500s, a refused connection and an upstream timeout each ban a
 //! credential; traffic moves; /health and the metrics say so; a timed ban lifts by itself.
+//! With `max_provider_retries: 0`, so each failure reaches the client (retries: `retry.rs`).
 
 use e2e::harness::{api_log, closed_port, control, cred, metric_value, mock, wait_for, Router, MASTER};
 use serde_json::json;
@@ -10,7 +11,7 @@ fn three_500s_ban_and_a_2s_ban_lifts() {
     let a = mock("a", "sk-f2b-a-00000", &["gpt-4o"]);
     let b = mock("b", "sk-f2b-b-00000", &["gpt-4o"]);
     let cfg = format!(
-        "server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}{}fail2ban:\n  max_attempts: 3\n  ban_duration: 2s\n  error_codes: [500, 502, 503, 504]\n",
+        "server:\n  master_key: \"{MASTER}\"\n  max_provider_retries: 0\ncredentials:\n{}{}fail2ban:\n  max_attempts: 3\n  ban_duration: 2s\n  error_codes: [500, 502, 503, 504]\n",
         cred("cred_a", "sk-f2b-a-00000", &a.url(), -1),
         cred("cred_b", "sk-f2b-b-00000", &b.url(), -1),
     );
@@ -67,7 +68,7 @@ fn a_refused_connection_counts_and_bans() {
     let a = mock("a", "sk-f2b-up-0000", &["gpt-4o"]);
     let dead = format!("http://127.0.0.1:{}", closed_port());
     let cfg = format!(
-        "server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}{}fail2ban:\n  max_attempts: 3\n",
+        "server:\n  master_key: \"{MASTER}\"\n  max_provider_retries: 0\ncredentials:\n{}{}fail2ban:\n  max_attempts: 3\n",
         cred("up", "sk-f2b-up-0000", &a.url(), -1),
         cred("dead", "sk-f2b-dead-000", &dead, -1),
     );
@@ -78,14 +79,23 @@ fn a_refused_connection_counts_and_bans() {
         if resp.status != 200 {
             refused += 1;
             assert_eq!(resp.status, 503, "{}", resp.describe());
-            assert_eq!(resp.error_type().as_deref(), Some("service_unavailable_error"), "Envoy's reply is OpenAI JSON: {}", resp.describe());
+            assert_eq!(
+                resp.error_type().as_deref(),
+                Some("service_unavailable_error"),
+                "Envoy's reply is OpenAI JSON: {}",
+                resp.describe()
+            );
         }
     }
     assert_eq!(refused, 3, "every other request went to the dead credential until its ban");
     let (_, h) = r.health();
     assert_eq!(h["credentials_banned"], 1, "{h}");
     let m = r.metrics();
-    assert_eq!(metric_value(&m, "auto_ai_router_requests_total", &[("credential", "dead"), ("status", "502")]), Some(3.0), "a connect failure counts as 502");
+    assert_eq!(
+        metric_value(&m, "auto_ai_router_requests_total", &[("credential", "dead"), ("status", "502")]),
+        Some(3.0),
+        "a connect failure counts as 502"
+    );
     assert_eq!(metric_value(&m, "auto_ai_router_credential_errors_total", &[("credential", "dead")]), Some(3.0));
     for _ in 0..4 {
         assert_eq!(r.chat("gpt-4o").status, 200);
@@ -102,7 +112,7 @@ fn request_timeout_gives_504_and_counts_for_fail2ban() {
     // "waited for the provider".
     control(&slow, json!({"delay_ms": 4000}));
     let cfg = format!(
-        "server:\n  master_key: \"{MASTER}\"\n  request_timeout: 1s\ncredentials:\n{}{}fail2ban:\n  max_attempts: 2\n",
+        "server:\n  master_key: \"{MASTER}\"\n  request_timeout: 1s\n  max_provider_retries: 0\ncredentials:\n{}{}fail2ban:\n  max_attempts: 2\n",
         cred("slow", "sk-f2b-slow-000", &slow.url(), -1),
         cred("fast", "sk-f2b-fast-000", &fast.url(), -1),
     );
@@ -113,7 +123,11 @@ fn request_timeout_gives_504_and_counts_for_fail2ban() {
         if resp.status == 504 {
             timeouts += 1;
             assert_eq!(resp.error_code().as_deref(), Some("upstream_timeout"), "{}", resp.describe());
-            assert!(resp.elapsed >= Duration::from_millis(900) && resp.elapsed < Duration::from_millis(3800), "504 after {:?}: not the 1 s route timeout", resp.elapsed);
+            assert!(
+                resp.elapsed >= Duration::from_millis(900) && resp.elapsed < Duration::from_millis(3800),
+                "504 after {:?}: not the 1 s route timeout",
+                resp.elapsed
+            );
         } else {
             assert_eq!((resp.status, resp.header("x-mock-provider")), (200, Some("fast")), "{}", resp.describe());
         }

@@ -15,4 +15,6 @@ mod secrets;
 mod hostile;
 mod fault;
 mod listener;
+mod retry;
+mod tokens;
 mod dashboard;

@@ -39,10 +39,17 @@ fn merged_models_and_model_aware_routing() {
     // /v1/models/{id}
     let one = r.send(&Request::get("/v1/models/claude-3").bearer(MASTER));
     assert_eq!(one.status, 200, "{}", one.describe());
-    assert_eq!((one.json()["id"].as_str(), one.json()["owned_by"].as_str(), one.json()["object"].as_str()), (Some("claude-3"), Some("b"), Some("model")));
+    assert_eq!(
+        (one.json()["id"].as_str(), one.json()["owned_by"].as_str(), one.json()["object"].as_str()),
+        (Some("claude-3"), Some("b"), Some("model"))
+    );
     let none = r.send(&Request::get("/v1/models/nope-9").bearer(MASTER));
     assert_eq!(none.status, 404, "{}", none.describe());
-    assert_eq!((none.error_type().as_deref(), none.error_code().as_deref()), (Some("not_found_error"), Some("model_not_found")));
+    assert_eq!(
+        (none.error_type().as_deref(), none.error_code().as_deref()),
+        (Some("invalid_request_error"), Some("model_not_found")),
+        "as OpenAI answers it"
+    );
     let unauth = r.send(&Request::get("/v1/models"));
     assert_eq!((unauth.status, unauth.error_code().as_deref()), (401, Some("missing_api_key")), "the list needs the master key");
 
@@ -59,9 +66,13 @@ fn merged_models_and_model_aware_routing() {
     assert_eq!((count(&a, "claude-3"), count(&b, "claude-3")), (0, 5));
     assert_eq!((count(&a, "shared-model"), count(&b, "shared-model")), (2, 2), "a shared model is balanced");
 
+    // A model no credential lists: OpenAI's 404 model_not_found, as a provider would answer it.
     let unknown = r.chat("no-such-model");
-    assert_eq!(unknown.status, 503, "{}", unknown.describe());
-    assert_eq!((unknown.error_type().as_deref(), unknown.error_code().as_deref()), (Some("service_unavailable_error"), Some("no_credential_available")));
+    assert_eq!(unknown.status, 404, "{}", unknown.describe());
+    assert_eq!(
+        (unknown.error_type().as_deref(), unknown.error_code().as_deref()),
+        (Some("invalid_request_error"), Some("model_not_found"))
+    );
     assert_eq!(api_log(&a).len() + api_log(&b).len(), 14, "an unknown model reaches no provider");
 
     // Refresh (models_refresh: 2s): a new model on a appears; b's list fetch now fails (500) and

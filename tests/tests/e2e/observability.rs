@@ -10,7 +10,7 @@ fn health_metrics_and_unknown_paths() {
     let a = mock("a", "sk-obs-a-00000", &["gpt-4o", "text-embedding-3-small"]);
     let b = mock("b", "sk-obs-b-00000", &["gpt-4o", "text-embedding-3-small"]);
     let cfg = format!(
-        "server:\n  master_key: \"{MASTER}\"\n  default_models_rpm: -1\ncredentials:\n{}{}fail2ban:\n  max_attempts: 3\n",
+        "server:\n  master_key: \"{MASTER}\"\n  default_models_rpm: -1\n  max_provider_retries: 0\ncredentials:\n{}{}fail2ban:\n  max_attempts: 3\n",
         cred("cred_a", "sk-obs-a-00000", &a.url(), 100),
         cred("cred_b", "sk-obs-b-00000", &b.url(), 100),
     );
@@ -38,7 +38,10 @@ fn health_metrics_and_unknown_paths() {
         let emb = [("credential", c), ("endpoint", "/v1/embeddings"), ("status", "200")];
         assert_eq!(metric_value(&m, "auto_ai_router_requests_total", &emb), Some(1.0), "{c} embeddings");
         assert_eq!(metric_value(&m, "auto_ai_router_model_requests_total", &[("credential", c), ("model", "gpt-4o")]), Some(2.0));
-        assert_eq!(metric_value(&m, "auto_ai_router_model_requests_total", &[("credential", c), ("model", "text-embedding-3-small")]), Some(1.0));
+        assert_eq!(
+            metric_value(&m, "auto_ai_router_model_requests_total", &[("credential", c), ("model", "text-embedding-3-small")]),
+            Some(1.0)
+        );
         assert_eq!(api_log(if c == "cred_a" { &a } else { &b }).len(), 3);
     }
     assert_eq!(metric_value(&m, "auto_ai_router_rejections_total", &[("reason", "auth")]), Some(2.0));
@@ -48,11 +51,16 @@ fn health_metrics_and_unknown_paths() {
         let m = r.metrics();
         let v = |c| metric_value(&m, "auto_ai_router_credential_rpm_current", &[("credential", c)]);
         let banned = |c| metric_value(&m, "auto_ai_router_credential_banned", &[("credential", c)]);
-        (v("cred_a") == Some(3.0) && v("cred_b") == Some(3.0) && banned("cred_a") == Some(0.0) && banned("cred_b") == Some(0.0)).then_some(())
+        (v("cred_a") == Some(3.0) && v("cred_b") == Some(3.0) && banned("cred_a") == Some(0.0) && banned("cred_b") == Some(0.0))
+            .then_some(())
     });
     wait_for("the duration histogram", Duration::from_secs(12), || {
         let m = r.metrics();
-        let n = metric_value(&m, "auto_ai_router_requests_duration_milliseconds_count", &[("credential", "cred_a"), ("endpoint", "/v1/chat/completions")]);
+        let n = metric_value(
+            &m,
+            "auto_ai_router_requests_duration_milliseconds_count",
+            &[("credential", "cred_a"), ("endpoint", "/v1/chat/completions")],
+        );
         (n == Some(2.0)).then_some(())
     });
 
@@ -76,7 +84,9 @@ fn health_metrics_and_unknown_paths() {
     assert_eq!(metric_value(&m, "auto_ai_router_rejections_total", &[("reason", "no_credential")]), Some(1.0));
 
     // Everything outside /v1/, /health and /metrics is a 404 JSON.
-    for (method, path) in [("GET", "/"), ("GET", "/foo"), ("POST", "/v2/chat/completions"), ("GET", "/v1"), ("GET", "/healthz"), ("GET", "/metrics/x")] {
+    for (method, path) in
+        [("GET", "/"), ("GET", "/foo"), ("POST", "/v2/chat/completions"), ("GET", "/v1"), ("GET", "/healthz"), ("GET", "/metrics/x")]
+    {
         let resp = r.send(&Request::new(method, path));
         assert_eq!(resp.status, 404, "{method} {path}: {}", resp.describe());
         assert_eq!(resp.error_type().as_deref(), Some("not_found_error"), "{method} {path}: {}", resp.describe());
