@@ -21,7 +21,6 @@ use crate::fail2ban::BanEvent;
 use crate::host::{Action, Host, HostResult};
 use crate::retry_contract::{ATTEMPTS_HEADER, NEXT_PROPERTY, NO_CREDENTIAL, PLAN_PROPERTY, RETRY_HEADER};
 use crate::runtime::{HotKey, Runtime};
-use crate::upstream_status;
 use crate::CLUSTER_HEADER;
 
 /// What the attempts of one request share, kept in filter state (`retry_contract::PLAN_PROPERTY`).
@@ -32,15 +31,18 @@ pub struct Plan {
     pub model: Option<String>,
     /// The client's path (before any base_url prefix).
     pub path: String,
+    /// When the client's request reached the router (the route timeout counts from here).
+    pub start_ms: u64,
 }
 
-const PLAN_VERSION: u8 = 1;
+const PLAN_VERSION: u8 = 2;
 
 impl Plan {
     pub fn encode(&self) -> Vec<u8> {
         let model = self.model.as_deref().unwrap_or_default().as_bytes();
         let mut out = Vec::with_capacity(5 + 2 * self.tried.len() + model.len() + self.path.len());
         out.push(PLAN_VERSION);
+        out.extend_from_slice(&self.start_ms.to_le_bytes());
         out.push(self.tried.len().min(255) as u8);
         for i in self.tried.iter().take(255) {
             out.extend_from_slice(&i.to_le_bytes());
@@ -53,13 +55,15 @@ impl Plan {
     }
 
     pub fn decode(b: &[u8]) -> Option<Plan> {
-        let (&[PLAN_VERSION, n], rest) = b.split_first_chunk::<2>()? else { return None };
+        let (&[PLAN_VERSION], rest) = b.split_first_chunk::<1>()? else { return None };
+        let (start, rest) = rest.split_first_chunk::<8>()?;
+        let (&[n], rest) = rest.split_first_chunk::<1>()?;
         let (tried, rest) = rest.split_at_checked(2 * n as usize)?;
         let tried = tried.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let (&[has_model, l0, l1], rest) = rest.split_first_chunk::<3>()?;
         let (model, path) = rest.split_at_checked(u16::from_le_bytes([l0, l1]) as usize)?;
         let model = (has_model == 1).then(|| String::from_utf8(model.to_vec()).ok()).flatten();
-        Some(Plan { tried, model, path: String::from_utf8(path.to_vec()).ok()? })
+        Some(Plan { tried, model, path: String::from_utf8(path.to_vec()).ok()?, start_ms: u64::from_le_bytes(*start) })
     }
 
     pub fn current(&self) -> Option<usize> {
@@ -156,14 +160,25 @@ impl Attempt {
     }
 
     /// The attempt is over (Envoy calls this before it retries). No response headers: a connect
-    /// failure, a reset or a timeout before the first byte.
+    /// failure, a timeout, an upstream reset before the first byte — or the client gave up.
     pub fn on_done(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
-        let (Some(rt), Some(index), Some(_), false) = (rt, self.index, self.plan.as_ref(), self.responded) else { return };
+        let (Some(rt), Some(index), Some(plan), false) = (rt, self.index, self.plan.as_ref(), self.responded) else { return };
         self.responded = true;
-        let details = host.property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
-        let details = String::from_utf8_lossy(&details);
-        let status = if details.is_empty() { 502 } else { upstream_status::effective_status(503, &details) };
-        self.finish_attempt(rt, host, index, Outcome::NoResponse(status), &Hints::default());
+        let transport = host.property(&["upstream", "transport_failure_reason"]).ok().flatten().filter(|r| !r.is_empty());
+        let elapsed = host.now_ms().saturating_sub(plan.start_ms);
+        // The route timeout bounds all attempts together (no per-try timeout is set), so an attempt
+        // that ends without a response when it is spent timed out.
+        let timed_out = rt.cfg.server.request_timeout.is_some_and(|t| elapsed.saturating_add(TIMEOUT_SLACK_MS) >= t.as_millis() as u64);
+        let outcome = if transport.is_some() {
+            Outcome::NoResponse(502)
+        } else if timed_out {
+            Outcome::TimedOut
+        } else {
+            // A reset before any response, from the provider's side or the client's: not the key's
+            // fault for sure, so no strike; the next attempt (if Envoy makes one) goes elsewhere.
+            Outcome::Reset
+        };
+        self.finish_attempt(rt, host, index, outcome, &Hints::default());
     }
 
     fn finish_attempt(&mut self, rt: &Runtime, host: &dyn Host, index: usize, outcome: Outcome, hints: &Hints) {
@@ -172,14 +187,16 @@ impl Attempt {
         let status = outcome.status();
         let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
             .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
-        self.account(rt, host, index, status, cooldown, now);
+        if !matches!(outcome, Outcome::Reset) {
+            self.account(rt, host, index, status, cooldown, now);
+        }
         let Some(plan) = self.plan.as_mut() else { return };
         let attempts = plan.tried.len();
         if let Outcome::Response(_) = outcome {
             let _ = host.set_response_header(ATTEMPTS_HEADER, Some(attempts.to_string().as_bytes()));
         }
-        let failed = matches!(outcome, Outcome::NoResponse(_)) || server.retry_on_status.contains(&status);
-        if !failed || attempts > server.max_provider_retries as usize {
+        let failed = matches!(outcome, Outcome::NoResponse(_) | Outcome::Reset) || server.retry_on_status.contains(&status);
+        if !failed || matches!(outcome, Outcome::TimedOut) || attempts > server.max_provider_retries as usize {
             return;
         }
         let selection = {
@@ -210,7 +227,8 @@ impl Attempt {
         }
         let reason = match outcome {
             Outcome::Response(s) => s,
-            Outcome::NoResponse(_) => 0,
+            Outcome::NoResponse(_) | Outcome::TimedOut => 0,
+            Outcome::Reset => 1,
         };
         rt.increment(host, HotKey::Retries(index, reason));
         rt.log(host, LogLevel::Debug, || format!("auto-ai-router: attempt {attempts} got {status}; retrying on credential {name}"));
@@ -244,18 +262,27 @@ impl Attempt {
     }
 }
 
+/// An attempt that ends without a response this close to the route timeout timed out.
+const TIMEOUT_SLACK_MS: u64 = 50;
+
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     /// The provider answered with this status.
     Response(u16),
-    /// No response: the status fail2ban counts it as (502 connect failure or reset, 504 timeout).
+    /// No connection (a transport failure): counted as 502.
     NoResponse(u16),
+    /// The route timeout ended it: counted as 504, never retried (the time is spent).
+    TimedOut,
+    /// Reset before any response, by either side: no strike.
+    Reset,
 }
 
 impl Outcome {
     fn status(self) -> u16 {
         match self {
             Outcome::Response(s) | Outcome::NoResponse(s) => s,
+            Outcome::TimedOut => 504,
+            Outcome::Reset => 0,
         }
     }
 }
@@ -266,12 +293,12 @@ mod tests {
 
     #[test]
     fn plan_codec() {
-        let p = Plan { tried: vec![0, 3], model: Some("gpt-4o".into()), path: "/v1/chat/completions?x=é".into() };
+        let p = Plan { tried: vec![0, 3], model: Some("gpt-4o".into()), path: "/v1/chat/completions?x=é".into(), start_ms: 77 };
         assert_eq!(Plan::decode(&p.encode()), Some(p.clone()));
-        let none = Plan { tried: vec![1], model: None, path: "/v1/files".into() };
+        let none = Plan { tried: vec![1], model: None, path: "/v1/files".into(), start_ms: 0 };
         assert_eq!(Plan::decode(&none.encode()), Some(none));
         let bytes = p.encode();
-        for cut in 0..7 {
+        for cut in 0..15 {
             assert_eq!(Plan::decode(&bytes[..cut]), None, "{cut}");
         }
         assert_eq!(Plan::decode(b""), None);

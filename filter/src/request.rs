@@ -399,8 +399,11 @@ impl Request {
                 }
                 host.set_request_header(CLUSTER_HEADER, Some(cred.name.as_bytes()))?;
                 if rt.retries_on() {
-                    let plan = attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone() };
+                    let plan = attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone(), start_ms: self.start_ms };
                     attempt::write_plan(host, &plan, &cred.name)?;
+                } else {
+                    // The route that accepts the credential's rewritten path matches on it.
+                    host.set_property(crate::retry_contract::NEXT_PROPERTY, cred.name.as_bytes())?;
                 }
                 host.clear_route_cache()?;
                 if rpm_current > 0 {

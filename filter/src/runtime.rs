@@ -102,7 +102,11 @@ impl Runtime {
             HotKey::Errors(i) => self.metric(host, MetricKind::Counter, metrics::CREDENTIAL_ERRORS_TOTAL, &cred(i)),
             HotKey::StateConflicts(i) => self.metric(host, MetricKind::Counter, metrics::STATE_CONFLICTS_TOTAL, &cred(i)),
             HotKey::Retries(i, status) => {
-                let reason = if status == 0 { "connect_failure".to_string() } else { status.to_string() };
+                let reason = match status {
+                    0 => "connect_failure".to_string(),
+                    1 => "reset".to_string(),
+                    s => s.to_string(),
+                };
                 let labels = [("credential", self.credential_name(i)), ("reason", reason.as_str())];
                 self.metric(host, MetricKind::Counter, metrics::RETRIES_TOTAL, &labels)
             }

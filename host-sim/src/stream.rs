@@ -583,6 +583,14 @@ impl Vm {
         r
     }
 
+    /// Sets a property of a live stream (e.g. `upstream.transport_failure_reason` before an
+    /// upstream attempt ends without a response).
+    pub fn set_stream_property(&mut self, ex: &Exchange, path: &str, value: impl Into<Vec<u8>>) {
+        if let Some(s) = self.store.data_mut().streams.get_mut(&ex.ctx) {
+            s.props.insert(path.into(), value.into());
+        }
+    }
+
     /// The client goes away before the stream ends: on_log / on_done / on_delete run.
     pub fn abort(&mut self, ex: &Exchange) {
         if self.store.data().streams.contains_key(&ex.ctx) {

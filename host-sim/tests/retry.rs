@@ -27,6 +27,13 @@ fn vm(host: &Host, server: &str, rpm_b: i64) -> Vm {
     host.vm_with(VmConfig::new(c.clone()).plugin(UP, c)).unwrap_or_else(|e| panic!("{e:?}\n{}", e.messages()))
 }
 
+/// The attempt's connection is refused: Envoy sets the transport failure reason, then the
+/// attempt ends without a response.
+fn refuse(vm: &mut Vm, up: &Exchange) {
+    vm.set_stream_property(up, "upstream.transport_failure_reason", "delayed connect error: Connection refused");
+    vm.abort(up);
+}
+
 fn next(vm: &Vm, ex: &Exchange) -> Option<String> {
     vm.filter_state(ex).get(NEXT).map(|v| String::from_utf8_lossy(v).into_owned())
 }
@@ -121,7 +128,7 @@ fn a_connect_failure_moves_to_the_next_key_and_counts_as_502() {
     let mut vm = vm(&host, "", -1);
     let ex = vm.post(CHAT, MASTER, BODY);
     let up = vm.upstream_request(&ex, UP, "a");
-    vm.abort(&up); // no response headers: on_done only
+    refuse(&mut vm, &up); // no response headers: on_done only
     assert_eq!(next(&vm, &ex).as_deref(), Some("b"), "Envoy retries connect failures itself; the matcher sends it to b");
     let v = credentials(&mut vm);
     assert_eq!(state(&v, "a")["consecutive_errors"], 1);
@@ -129,10 +136,10 @@ fn a_connect_failure_moves_to_the_next_key_and_counts_as_502() {
     assert!(m.iter().any(|(_, k, v)| k.contains("retries_total.credential=.=a;.;.reason=.=connect_failure") && *v == 1), "{m:?}");
     // b and c refuse too: no key left after c.
     let up = vm.upstream_request(&ex, UP, "b");
-    vm.abort(&up);
+    refuse(&mut vm, &up);
     assert_eq!(next(&vm, &ex).as_deref(), Some("c"));
     let up = vm.upstream_request(&ex, UP, "c");
-    vm.abort(&up);
+    refuse(&mut vm, &up);
     assert_eq!(next(&vm, &ex).as_deref(), Some("c"), "max_provider_retries (2) reached: nothing more is chosen");
 }
 
@@ -143,7 +150,7 @@ fn no_key_left_writes_no_credential() {
     let ex = vm.post(CHAT, MASTER, BODY);
     for c in ["a", "b", "c"] {
         let up = vm.upstream_request(&ex, UP, c);
-        vm.abort(&up);
+        refuse(&mut vm, &up);
     }
     assert_eq!(next(&vm, &ex).as_deref(), Some("-"), "matches no cluster: Envoy answers 503, never a tried key again");
 }
@@ -199,7 +206,8 @@ fn with_retries_off_the_downstream_filter_accounts_and_cools_down_itself() {
     let mut vm = host.vm(c, &[]).unwrap();
     let ex = vm.post(CHAT, MASTER, BODY);
     assert_eq!(ex.cluster(), Some("a"));
-    assert!(!vm.filter_state(&ex).contains_key(NEXT), "no plan: nothing retry-related");
+    assert!(!vm.filter_state(&ex).contains_key("wasm.auto_ai_router_plan"), "no plan: nothing retry-related");
+    assert_eq!(next(&vm, &ex).as_deref(), Some("a"), "the route for a rewritten base path matches on it");
     vm.respond(&ex, 429, &[("x-ratelimit-reset-requests", "20s")], b"{}");
     let v = credentials(&mut vm);
     assert_eq!((state(&v, "a")["status"].as_str(), state(&v, "a")["consecutive_errors"].as_u64()), (Some("cooldown"), Some(0)));
@@ -207,4 +215,29 @@ fn with_retries_off_the_downstream_filter_accounts_and_cools_down_itself() {
     assert_eq!(ex.cluster(), Some("b"));
     vm.respond(&ex, 200, &[("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "2s")], b"{}");
     assert_eq!(state(&credentials(&mut vm), "b")["status"], "cooldown", "cooled down before the 429 comes");
+}
+
+#[test]
+fn a_reset_without_a_transport_failure_is_no_strike_but_moves_on() {
+    // A client that hangs up, or a provider that resets before answering: the key isn't at fault.
+    let host = Host::new();
+    let mut vm = vm(&host, "", -1);
+    let ex = vm.post(CHAT, MASTER, BODY);
+    let up = vm.upstream_request(&ex, UP, "a");
+    vm.abort(&up);
+    assert_eq!(state(&credentials(&mut vm), "a")["consecutive_errors"], 0);
+    assert_eq!(next(&vm, &ex).as_deref(), Some("b"), "if Envoy retries the reset, it goes elsewhere");
+}
+
+#[test]
+fn an_attempt_cut_by_the_route_timeout_counts_504_and_is_not_retried() {
+    let host = Host::new();
+    let mut vm = vm(&host, ", request_timeout: 2s", -1);
+    let ex = vm.post(CHAT, MASTER, BODY);
+    let up = vm.upstream_request(&ex, UP, "a");
+    host.advance_ms(2_000);
+    vm.abort(&up);
+    assert_eq!(state(&credentials(&mut vm), "a")["consecutive_errors"], 1);
+    assert_eq!(next(&vm, &ex).as_deref(), Some("a"), "the time is spent: nothing more is chosen (or charged)");
+    assert!(host.metrics().iter().any(|(_, k, v)| k.contains("credential=.=a;.;") && k.contains("status=.=504;.;") && *v == 1));
 }
