@@ -191,3 +191,142 @@ fn serviceentry_and_destinationrule_describe_the_https_provider() {
     assert_eq!(str_of(dr, "spec.host"), "api.openai.com");
     assert_eq!(str_of(dr, "spec.trafficPolicy.tls.mode"), "SIMPLE");
 }
+
+/// A compose bind mount `host:container[:ro]` (host relative to envoy/).
+fn bind_mounts(service: &Value) -> Vec<(String, String)> {
+    get(service, "volumes")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|m| {
+            let parts: Vec<&str> = m.split(':').collect();
+            assert!(parts.len() >= 2 && parts.len() <= 3, "mount {m:?}: expected host:container[:ro]");
+            (parts[0].to_string(), parts[1].to_string())
+        })
+        .collect()
+}
+
+/// The file in the repository that `service` sees at `container_path`, through its mounts.
+fn mounted_file(service: &Value, container_path: &str) -> PathBuf {
+    let (host, inside) = bind_mounts(service)
+        .into_iter()
+        .filter(|(_, c)| container_path == c || container_path.starts_with(&format!("{c}/")))
+        .max_by_key(|(_, c)| c.len())
+        .unwrap_or_else(|| panic!("nothing is mounted at {container_path}"));
+    let mut path = repo().join("envoy").join(host.trim_start_matches("./"));
+    let rest = container_path[inside.len()..].trim_start_matches('/');
+    if !rest.is_empty() {
+        path.push(rest);
+    }
+    assert!(path.exists(), "{container_path} is mounted from {}, which is not in the repository", path.display());
+    path
+}
+
+fn yaml_file(path: &Path) -> Value {
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// docker-compose also runs Prometheus, scraping the router's public /metrics, and Grafana with the
+/// datasource and the dashboard provisioned from envoy/grafana/ (the files are checked, not run:
+/// no Docker here).
+#[test]
+fn compose_runs_prometheus_on_router_metrics_and_grafana_with_the_dashboard() {
+    let d = &docs("envoy/docker-compose.yml")[0];
+    let services = get(d, "services");
+    // Pinned images: an exact release, never `latest` (a dashboard is checked against one schema).
+    for svc in ["prometheus", "grafana"] {
+        let image = str_of(services, &format!("{svc}.image"));
+        let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{svc}: image {image} has no tag"));
+        let version = tag.trim_start_matches('v');
+        assert!(
+            version.split('.').count() == 3 && version.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())),
+            "{svc}: image {image} is not pinned to a release (x.y.z)"
+        );
+    }
+    // Every bind mount of every service comes from the repository (or the wasm build output).
+    for (name, svc) in services.as_mapping().unwrap() {
+        if svc.get("volumes").is_none() {
+            continue;
+        }
+        for (host, _) in bind_mounts(svc) {
+            if host.starts_with("../target/") {
+                continue;
+            }
+            assert!(host.starts_with("./"), "{name:?}: mount {host} is not a path in the repository");
+            assert!(repo().join("envoy").join(&host).exists(), "{name:?} mounts {host}, which does not exist");
+        }
+    }
+
+    // Prometheus: its --config.file is the mounted envoy/docker/prometheus.yml, and that scrapes the
+    // router service's public port on /metrics.
+    let prometheus = get(services, "prometheus");
+    let args: Vec<&str> = get(prometheus, "command").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    let config_file = args.iter().find_map(|a| a.strip_prefix("--config.file=")).expect("prometheus --config.file=");
+    let prom_path = mounted_file(prometheus, config_file);
+    assert!(prom_path.ends_with("envoy/docker/prometheus.yml"), "{}", prom_path.display());
+    let prom = yaml_file(&prom_path);
+    let router_port = {
+        let ports: Vec<&str> = get(services, "router.ports").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+        let cfg = yaml_file(&repo().join("envoy/docker/config.yaml"));
+        let listen = get(&cfg, "server.port").as_u64().unwrap();
+        assert!(ports.iter().any(|p| p.ends_with(&format!(":{listen}"))), "router publishes {ports:?}, the router listens on {listen}");
+        listen
+    };
+    let jobs = get(&prom, "scrape_configs").as_sequence().unwrap();
+    let scrapes_router = jobs.iter().any(|job| {
+        let path = job.get("metrics_path").and_then(Value::as_str).unwrap_or("/metrics");
+        let targets: Vec<&str> = job
+            .get("static_configs")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.get("targets").and_then(Value::as_sequence))
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        path == "/metrics" && targets.contains(&format!("router:{router_port}").as_str())
+    });
+    assert!(scrapes_router, "envoy/docker/prometheus.yml has no job scraping router:{router_port}/metrics: {jobs:?}");
+    assert!(!args.iter().any(|a| a.starts_with("--web.listen-address")), "Grafana's datasource expects Prometheus on :9090");
+
+    // Grafana: the provisioned datasource is that Prometheus; the dashboard provider loads the
+    // mounted envoy/grafana/dashboards/, which holds the dashboard, and the panels use the datasource.
+    let grafana = get(services, "grafana");
+    let ds_dir = mounted_file(grafana, "/etc/grafana/provisioning/datasources");
+    let mut datasources = Vec::new();
+    for e in std::fs::read_dir(&ds_dir).unwrap() {
+        datasources.extend(get(&yaml_file(&e.unwrap().path()), "datasources").as_sequence().unwrap().clone());
+    }
+    let ds = datasources.iter().find(|d| str_of(d, "type") == "prometheus").expect("a provisioned prometheus datasource");
+    assert_eq!(str_of(ds, "url"), "http://prometheus:9090");
+    let ds_uid = str_of(ds, "uid").to_string();
+    let providers_dir = mounted_file(grafana, "/etc/grafana/provisioning/dashboards");
+    let mut dashboard_dirs = Vec::new();
+    for e in std::fs::read_dir(&providers_dir).unwrap() {
+        for p in get(&yaml_file(&e.unwrap().path()), "providers").as_sequence().unwrap() {
+            assert_eq!(str_of(p, "type"), "file");
+            dashboard_dirs.push(mounted_file(grafana, str_of(p, "options.path")));
+        }
+    }
+    let dashboard_path = repo().join("envoy/grafana/dashboards/auto-ai-router.json");
+    assert!(dashboard_dirs.iter().any(|d| dashboard_path.starts_with(d)), "no dashboard provider loads {}", dashboard_path.display());
+    let home = str_of(grafana, "environment.GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH");
+    assert_eq!(mounted_file(grafana, home), dashboard_path);
+
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dashboard_path).unwrap()).unwrap();
+    assert!(dash["schemaVersion"].as_u64().unwrap_or(0) >= 36, "schemaVersion {}", dash["schemaVersion"]);
+    assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    let var =
+        dash["templating"]["list"].as_array().unwrap().iter().find(|v| v["name"] == "DS_PROMETHEUS").expect("a DS_PROMETHEUS variable");
+    assert_eq!((var["type"].as_str(), var["query"].as_str()), (Some("datasource"), Some("prometheus")));
+    let mut n = 0;
+    for p in dash["panels"].as_array().unwrap().iter().filter(|p| p["type"] != "row") {
+        let uses = |ds: &serde_json::Value| ds["type"] == "prometheus" && (ds["uid"] == "${DS_PROMETHEUS}" || ds["uid"] == ds_uid.as_str());
+        assert!(uses(&p["datasource"]), "panel {:?}: datasource {}", p["title"], p["datasource"]);
+        let targets = p["targets"].as_array().unwrap_or_else(|| panic!("panel {:?} has no targets", p["title"]));
+        assert!(!targets.is_empty() && targets.iter().all(|t| t["expr"].as_str().is_some_and(|e| !e.is_empty()) && uses(&t["datasource"])));
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} panels");
+}

@@ -17,3 +17,4 @@ mod retry;
 mod secrets;
 mod streaming;
 mod tokens;
+mod dashboard;
