@@ -530,6 +530,10 @@ fn stats_config() -> Value {
         "histogram_bucket_settings": [{
             "match": {"prefix": "wasmcustom.auto_ai_router_requests_duration"},
             "buckets": [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000],
+        }, {
+            // The router's own hold time in microseconds: from a few µs to a slow client's upload.
+            "match": {"prefix": "wasmcustom.auto_ai_router_overhead_microseconds"},
+            "buckets": [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 250000, 1000000, 10000000],
         }],
     })
 }
