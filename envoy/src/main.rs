@@ -170,6 +170,19 @@ fn describe(p: &Prepared) -> String {
     format!("{} credential(s): {}; {} model limit(s); port {}", c.credentials.len(), creds.join(", "), c.models.len(), c.server.port)
 }
 
+/// `s` as one word for a POSIX shell (and for docker-compose's env_file, which strips the quotes).
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-./:@%+=,".contains(&b)) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `path` from `/`, so the printed command works from any directory.
+fn absolute(path: &std::path::Path) -> String {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+}
+
 fn print_env_help(p: &Prepared) {
     if p.env.is_empty() {
         return;
@@ -227,7 +240,7 @@ fn main() -> ExitCode {
             if let Some(path) = &env_file {
                 let mut body = String::new();
                 for (k, v) in p.literal_env() {
-                    body.push_str(&format!("{k}={v}\n"));
+                    body.push_str(&format!("{k}={}\n", shell_quote(&v)));
                 }
                 if let Err(e) = private::write(path, &body) {
                     return fail(format!("{}: {e}", path.display()));
@@ -235,11 +248,16 @@ fn main() -> ExitCode {
                 eprintln!("wrote {} (secrets, mode 0600)", path.display());
             }
             print_env_help(&p);
-            eprintln!(
-                "Start: envoy -c {} {}",
-                out.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "BOOTSTRAP.yaml".into()),
-                render::envoy_args(&p).join(" ")
-            );
+            let bootstrap = out.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "BOOTSTRAP.yaml".into());
+            let envoy = format!("envoy -c {} {}", shell_quote(&bootstrap), render::envoy_args(&p).join(" "));
+            match (&env_file, p.literal_env().is_empty()) {
+                // The env file holds the literal keys: a POSIX shell exports it, then starts Envoy.
+                (Some(f), _) => eprintln!("Start: set -a; . {}; set +a; {envoy}", shell_quote(&absolute(f))),
+                (None, true) => eprintln!("Start: {envoy}"),
+                (None, false) => {
+                    eprintln!("Start (after exporting the variables above; `render --env-file FILE` writes the literal ones to FILE): {envoy}")
+                }
+            }
             ExitCode::SUCCESS
         }
         Cmd::Run { source, layout, envoy_log_level, envoy_args } => {

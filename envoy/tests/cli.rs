@@ -413,3 +413,50 @@ fn run_uses_a_private_unpredictable_directory_and_removes_it() {
     assert!(!used.exists(), "{} is left behind", used.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The start command `render --env-file` prints works as printed: a POSIX shell runs it, and the
+/// Envoy it starts (a stand-in here) gets the bootstrap and every variable the bootstrap names.
+#[test]
+fn render_prints_a_start_command_that_works_as_printed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("start-command");
+    let secret = "sk-literal-start-cmd-'quoted $x'";
+    let cfg = dir.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!("server:\n  master_key: \"mk-start-0123456789\"\ncredentials:\n  - name: a\n    api_key: \"{secret}\"\n    base_url: \"http://127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+    let (out, env_file) = (dir.join("envoy.yaml"), dir.join("secrets.env"));
+    let o = cli(
+        &["render", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--env-file", env_file.to_str().unwrap(), "--wasm", wasm().to_str().unwrap()],
+        &[],
+    );
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let start = err.lines().find_map(|l| l.strip_prefix("Start: ")).unwrap_or_else(|| panic!("no start command: {err}"));
+    assert!(start.contains(env_file.to_str().unwrap()), "names the env file: {start}");
+    // A stand-in `envoy` first on PATH records its arguments and environment.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let record = dir.join("record");
+    std::fs::write(bin.join("envoy"), format!("#!/bin/sh\necho \"ARGS $*\" > '{}'\nenv >> '{}'\n", record.display(), record.display())).unwrap();
+    std::fs::set_permissions(bin.join("envoy"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let ran = Command::new("sh").arg("-c").arg(start).current_dir("/").env("PATH", path).output().unwrap();
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let rec = std::fs::read_to_string(&record).unwrap();
+    assert!(rec.contains(&format!("ARGS -c {}", out.display())), "{rec}");
+    let bootstrap = std::fs::read_to_string(&out).unwrap();
+    for var in bootstrap.split("os.environ/").skip(1).map(|s| s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap()) {
+        let line = rec.lines().find(|l| l.starts_with(&format!("{var}="))).unwrap_or_else(|| panic!("{var} not in Envoy's environment"));
+        assert!(!line.ends_with('='), "{var} is empty");
+    }
+    assert!(rec.contains(&format!("={secret}")), "the literal key arrives intact, quotes and $ included");
+    // Without --env-file, render names what Envoy will need before it starts.
+    let o = cli(&["render", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--wasm", wasm().to_str().unwrap()], &[]);
+    let (_, err) = text(&o);
+    assert!(err.contains("Envoy's environment must have") && err.contains("AUTO_AI_ROUTER_"), "{err}");
+    assert!(err.contains("render --env-file"), "{err}");
+    assert!(!err.contains(secret), "never the value");
+}
