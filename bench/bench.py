@@ -439,6 +439,13 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
     for c in cases:
         L.append(f"| {c} | " + " | ".join(f"{r['rps']:,.0f}" for r in results[c]) + " |")
     L.append("")
+    if meta.get("overhead"):
+        vals = {k: re.findall(r"P%s\([^,]+,([^)]+)\)" % re.escape(k), meta["overhead"]) for k in ("50", "90", "99")}
+        shown = ", ".join(f"p{k} {v[0]} µs" for k, v in vals.items() if v)
+        L.append("## The router's own overhead metric\n")
+        L.append(f"`auto_ai_router_overhead_microseconds` in the router Envoy after all its runs (Envoy's cumulative "
+                 f"summary; from the request headers to the routing decision, so it includes receiving the 1 KB "
+                 f"body): {shown or meta['overhead']}.\n")
     L.append("## Memory\n")
     for line in meta["memory"]:
         L.append(f"- {line}")
@@ -613,6 +620,12 @@ def main() -> int:
                    f"V8 code and heaps plus linear memory); Envoy heap (admin /memory `allocated`): "
                    f"router {ar / 2**20:.1f} MiB vs plain {ap / 2**20:.1f} MiB")
         meta["memory"] = mem
+
+        # The router's own overhead histogram (auto_ai_router_overhead_microseconds) over every run of
+        # the router Envoy, as Envoy summarises it (cumulative quantiles).
+        over = admin_stats(router_admin, "auto_ai_router_overhead")
+        summary = next((v for k, v in over.items() if k.endswith("auto_ai_router_overhead_microseconds")), None)
+        meta["overhead"] = summary
 
         report = build_report(results, cases, meta)
         OUT.write_text(report)

@@ -255,7 +255,9 @@ fn main() -> ExitCode {
                 (Some(f), _) => eprintln!("Start: set -a; . {}; set +a; {envoy}", shell_quote(&absolute(f))),
                 (None, true) => eprintln!("Start: {envoy}"),
                 (None, false) => {
-                    eprintln!("Start (after exporting the variables above; `render --env-file FILE` writes the literal ones to FILE): {envoy}")
+                    eprintln!(
+                        "Start (after exporting the variables above; `render --env-file FILE` writes the literal ones to FILE): {envoy}"
+                    )
                 }
             }
             ExitCode::SUCCESS

@@ -429,7 +429,17 @@ fn render_prints_a_start_command_that_works_as_printed() {
     .unwrap();
     let (out, env_file) = (dir.join("envoy.yaml"), dir.join("secrets.env"));
     let o = cli(
-        &["render", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--env-file", env_file.to_str().unwrap(), "--wasm", wasm().to_str().unwrap()],
+        &[
+            "render",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "--wasm",
+            wasm().to_str().unwrap(),
+        ],
         &[],
     );
     let (_, err) = text(&o);
@@ -440,7 +450,8 @@ fn render_prints_a_start_command_that_works_as_printed() {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let record = dir.join("record");
-    std::fs::write(bin.join("envoy"), format!("#!/bin/sh\necho \"ARGS $*\" > '{}'\nenv >> '{}'\n", record.display(), record.display())).unwrap();
+    std::fs::write(bin.join("envoy"), format!("#!/bin/sh\necho \"ARGS $*\" > '{}'\nenv >> '{}'\n", record.display(), record.display()))
+        .unwrap();
     std::fs::set_permissions(bin.join("envoy"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
     let ran = Command::new("sh").arg("-c").arg(start).current_dir("/").env("PATH", path).output().unwrap();

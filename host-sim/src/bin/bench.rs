@@ -13,11 +13,52 @@ credentials:
 ";
 const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words, please."}],"temperature":0.2}"#;
 
-fn one(vm: &mut Vm) {
+/// How the upstream answers: a tiny JSON body, a chat answer with `usage`, or an SSE stream.
+#[derive(Clone, Copy)]
+enum Answer {
+    Tiny,
+    JsonUsage,
+    Sse,
+}
+
+const JSON_USAGE: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, friend, how are you?"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":25,"completion_tokens":8,"total_tokens":33,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_1"}"#;
+
+fn sse_chunks() -> Vec<Vec<u8>> {
+    let mut c: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}}}}]}}\n\n").into_bytes())
+        .collect();
+    c.push(br#"data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":20,"total_tokens":45}}"#.to_vec());
+    c.push(b"\n\ndata: [DONE]\n\n".to_vec());
+    c
+}
+
+fn one(vm: &mut Vm, answer: Answer) {
     let ex = vm.post("/v1/chat/completions", "sk-bench-master", BODY);
     assert!(ex.forwarded().is_some(), "bench request not forwarded: {:?}", ex.outcome);
-    let r = vm.respond(&ex, 200, &[("content-type", "application/json")], br#"{"id":"x","choices":[]}"#);
+    let r = match answer {
+        Answer::Tiny => vm.respond(&ex, 200, &[("content-type", "application/json")], br#"{"id":"x","choices":[]}"#),
+        Answer::JsonUsage => vm.respond(&ex, 200, &[("content-type", "application/json")], JSON_USAGE),
+        Answer::Sse => {
+            let chunks = sse_chunks();
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            vm.respond_chunks(&ex, 200, &[("content-type", "text/event-stream")], &refs)
+        }
+    };
     assert_eq!(r.status, 200);
+}
+
+/// Wasm instructions per request for `answer`, on a fresh VM of a fuel-metered host.
+fn fuel_per_request(fuel_host: &Host, answer: Answer) -> u64 {
+    let mut fvm = fuel_host.vm(CONFIG, &[]).expect("vm");
+    for _ in 0..100 {
+        one(&mut fvm, answer);
+    }
+    let before = fvm.fuel_used().unwrap();
+    let m = 2_000u64;
+    for _ in 0..m {
+        one(&mut fvm, answer);
+    }
+    (fvm.fuel_used().unwrap() - before) / m
 }
 
 fn main() {
@@ -32,7 +73,7 @@ fn main() {
     let mut vm = host.vm(CONFIG, &[]).expect("vm");
     let vm_start_us = t.elapsed().as_secs_f64() * 1e6;
     for _ in 0..500 {
-        one(&mut vm);
+        one(&mut vm, Answer::Tiny);
     }
     let n = 20_000u32;
     let t = Instant::now();
@@ -40,21 +81,15 @@ fn main() {
         if i % 100 == 0 {
             host.advance_ms(100);
         }
-        one(&mut vm);
+        one(&mut vm, Answer::Tiny);
     }
     let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
 
     let fuel_host = Host::load(&path, true).unwrap_or_else(|e| panic!("{e}"));
-    let mut fvm = fuel_host.vm(CONFIG, &[]).expect("vm");
-    for _ in 0..100 {
-        one(&mut fvm);
-    }
-    let before = fvm.fuel_used().unwrap();
     let m = 2_000u64;
-    for _ in 0..m {
-        one(&mut fvm);
-    }
-    let instr = (fvm.fuel_used().unwrap() - before) / m;
+    let instr = fuel_per_request(&fuel_host, Answer::Tiny);
+    let json_usage = fuel_per_request(&fuel_host, Answer::JsonUsage);
+    let sse = fuel_per_request(&fuel_host, Answer::Sse);
 
     let report = format!(
         "# host-sim bench: router request path\n\n\
@@ -66,8 +101,17 @@ fn main() {
          | wasm instructions per request (fuel) | {instr} ({m} requests) |\n\
          | filter.wasm size | {wasm_size} bytes |\n\
          | module compile (once per process) | {compile_ms:.0} ms |\n\
-         | VM start (instantiate + on_vm_start + on_configure) | {vm_start_us:.0} µs |\n",
-        BODY.len()
+         | VM start (instantiate + on_vm_start + on_configure) | {vm_start_us:.0} µs |\n\n\
+         Reading the answer's token usage (the same request, other answers; instructions per request):\n\n\
+         | answer | wasm instructions | over the tiny answer |\n|---|---:|---:|\n\
+         | tiny JSON, no usage | {instr} | — |\n\
+         | {} B chat answer with `usage` | {json_usage} | +{} |\n\
+         | SSE, 20 chunks + a usage event | {sse} | +{} |\n\n\
+         (In Envoy each answer chunk also costs one host call to copy it into the VM.)\n",
+        BODY.len(),
+        JSON_USAGE.len(),
+        json_usage.saturating_sub(instr),
+        sse.saturating_sub(instr)
     );
     print!("{report}");
     if let Some(out) = out {
