@@ -441,7 +441,12 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
     L.append("")
     if meta.get("overhead"):
         vals = {k: re.findall(r"P%s\([^,]+,([^)]+)\)" % re.escape(k), meta["overhead"]) for k in ("50", "90", "99")}
-        shown = ", ".join(f"p{k} {v[0]} µs" for k, v in vals.items() if v)
+        def us(x: str) -> str:
+            try:
+                return f"{float(x):.0f}"
+            except ValueError:
+                return x
+        shown = ", ".join(f"p{k} {us(v[0])} µs" for k, v in vals.items() if v)
         L.append("## The router's own overhead metric\n")
         L.append(f"`auto_ai_router_overhead_microseconds` in the router Envoy after all its runs (Envoy's cumulative "
                  f"summary; from the request headers to the routing decision, so it includes receiving the 1 KB "
