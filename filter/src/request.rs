@@ -60,7 +60,15 @@ pub struct Request {
     accounted: bool,
     /// The token usage of the answer, read chunk by chunk as it streams past (never held back).
     usage: Option<Box<usage::UsageReader>>,
+    /// A stream that is not scanned (see `wants_usage`): counted as an answer without usage.
+    usage_unscanned: bool,
+    /// The request body mentions `include_usage` (the client asked for a stream's usage event).
+    asked_usage: bool,
+    /// The end of the previous body chunk, to find `include_usage` across chunk boundaries.
+    probe_tail: Vec<u8>,
 }
+
+const INCLUDE_USAGE: &[u8] = b"include_usage";
 
 /// The request headers the router reads, from one host call.
 #[derive(Default)]
@@ -137,14 +145,6 @@ impl Request {
         } else {
             status
         };
-        if (200..300).contains(&status) && self.model.is_some() {
-            let format = host
-                .response_header("content-type")
-                .ok()
-                .flatten()
-                .and_then(|c| usage::Format::from_content_type(&String::from_utf8_lossy(&c)));
-            self.usage = format.map(|f| Box::new(usage::UsageReader::new(f)));
-        }
         if rt.retries_on() {
             // The upstream filter accounted every attempt; the answer is the last credential's.
             if let Ok(Some(plan)) = attempt::read_plan(host) {
@@ -154,6 +154,16 @@ impl Request {
                     rt.count_model(host, last, model);
                 }
             }
+        }
+        if (200..300).contains(&status) && self.model.is_some() {
+            let content_type = host.response_header("content-type").ok().flatten();
+            match content_type.and_then(|c| usage::Format::from_content_type(&String::from_utf8_lossy(&c))) {
+                Some(f) if self.wants_usage(rt, f) => self.usage = Some(Box::new(usage::UsageReader::new(f))),
+                Some(_) => self.usage_unscanned = true,
+                None => {}
+            }
+        }
+        if rt.retries_on() {
             return Action::Continue;
         }
         let hints = attempt::read_hints(host, status);
@@ -183,9 +193,31 @@ impl Request {
         Action::Continue
     }
 
+    /// Whether to scan this answer for usage. A JSON answer always (it carries `usage`); a stream
+    /// when it can carry a usage event — the client asked for `include_usage`, or it is the
+    /// Responses API — or when a TPM limit needs it. Other streams pass unscanned (no copy per
+    /// chunk) and count as answers without usage.
+    fn wants_usage(&self, rt: &Runtime, format: usage::Format) -> bool {
+        let Phase::Routed { index } = self.phase else { return false };
+        let limited = |m: &str| {
+            rt.cfg.credentials.get(index).is_some_and(|c| c.tpm != crate::config::Rpm::Unlimited)
+                || rt.cfg.model_tpm(m) != crate::config::Rpm::Unlimited
+        };
+        matches!(format, usage::Format::Json)
+            || self.asked_usage
+            || self.endpoint == "/v1/responses"
+            || self.model.as_deref().is_some_and(limited)
+    }
+
     /// Charges the reported tokens to the answering credential (TPM, metrics), or counts the
     /// answer as one without usage.
     fn finish_usage(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        if std::mem::take(&mut self.usage_unscanned) {
+            if let (Some(rt), Phase::Routed { index }) = (rt, self.phase) {
+                rt.increment(host, HotKey::UsageMissing(index));
+            }
+            return;
+        }
         let (Some(reader), Some(rt), Phase::Routed { index }) = (self.usage.take(), rt, self.phase) else { return };
         let model = self.model.as_deref().unwrap_or_default();
         match reader.finish() {
@@ -410,6 +442,14 @@ impl Request {
             }
             self.scanned += chunk.len();
             result = scanner.feed(&chunk);
+            if !self.asked_usage {
+                let head = chunk.get(..chunk.len().min(INCLUDE_USAGE.len() - 1)).unwrap_or_default();
+                let mut seam = std::mem::take(&mut self.probe_tail);
+                seam.extend_from_slice(head);
+                self.asked_usage =
+                    memchr::memmem::find(&chunk, INCLUDE_USAGE).is_some() || memchr::memmem::find(&seam, INCLUDE_USAGE).is_some();
+                self.probe_tail = chunk.get(chunk.len().saturating_sub(INCLUDE_USAGE.len() - 1)..).unwrap_or_default().to_vec();
+            }
         }
         let model = match result {
             Err(e) => Err(e),

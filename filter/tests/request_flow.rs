@@ -278,3 +278,32 @@ fn reported_tokens_are_counted_and_charged_to_tpm_and_missing_usage_is_counted()
     assert_eq!(served(&[json], "application/json"), Action::Pause, "132 >= 100: refused until tokens leave the window");
     assert_eq!(reply_json(&h).0, 429);
 }
+
+#[test]
+fn a_stream_nobody_asked_usage_of_is_not_scanned_unless_a_tpm_limit_needs_it() {
+    let rt = runtime(", max_provider_retries: 0", -1);
+    let store = Rc::new(MemStore::default());
+    let sse: [&[u8]; 2] = [
+        b"data: {\"choices\":[{\"delta\":{}}]}\n\n",
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n",
+    ];
+    let h = host(&store, &chat_headers("r"), b"");
+    let ask = |body: &[u8], split: usize| {
+        *h.request_headers.borrow_mut() = chat_headers("r").iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        *h.request_body.borrow_mut() = body.to_vec();
+        let mut r = Request::default();
+        r.on_request_headers(Some(&rt), &h, false);
+        assert_eq!(r.on_request_body(Some(&rt), &h, split, false), Action::Pause);
+        assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), true), Action::Continue);
+        respond(&rt, &h, &mut r, "text/event-stream", &sse);
+    };
+    // (Round robin: the second request goes to c2.)
+    let completion = || h.metric("auto_ai_router_tokens_total.credential=.=c2;.;.model=.=m;.;.type=.=completion;.;");
+    ask(br#"{"model":"m","stream":true}"#, 5);
+    assert_eq!(h.calls.borrow().get("response_body"), None, "no chunk copied into the VM");
+    assert_eq!(h.metric("auto_ai_router_usage_missing_total.credential=.=c1;.;"), 1);
+    let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    let split = asked.windows(7).position(|w| w == b"_usage\"").unwrap();
+    ask(asked, split);
+    assert_eq!(completion(), 7, "include_usage found across the body chunk boundary: scanned");
+}
