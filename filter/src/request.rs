@@ -64,11 +64,47 @@ pub struct Request {
     usage_unscanned: bool,
     /// The request body mentions `include_usage` (the client asked for a stream's usage event).
     asked_usage: bool,
-    /// The end of the previous body chunk, to find `include_usage` across chunk boundaries.
-    probe_tail: Vec<u8>,
+    probe: UsageProbe,
 }
 
 const INCLUDE_USAGE: &[u8] = b"include_usage";
+static INCLUDE_USAGE_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(INCLUDE_USAGE));
+
+/// Finds `include_usage` in a body that arrives in chunks (also across a chunk boundary),
+/// keeping only the previous chunk's last bytes.
+#[derive(Debug, Default)]
+struct UsageProbe {
+    tail: [u8; INCLUDE_USAGE.len() - 1],
+    tail_len: usize,
+}
+
+impl UsageProbe {
+    fn mentions_include_usage(&mut self, chunk: &[u8]) -> bool {
+        const K: usize = INCLUDE_USAGE.len() - 1;
+        if INCLUDE_USAGE_FINDER.find(chunk).is_some() {
+            return true;
+        }
+        if self.tail_len > 0 {
+            let mut seam = [0u8; 2 * K];
+            let head = chunk.len().min(K);
+            seam[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+            seam[self.tail_len..self.tail_len + head].copy_from_slice(&chunk[..head]);
+            if INCLUDE_USAGE_FINDER.find(&seam[..self.tail_len + head]).is_some() {
+                return true;
+            }
+        }
+        // Keep the last K bytes seen (of this chunk, topped up from the old tail if it is short).
+        let mut joined = [0u8; 2 * K];
+        let old = self.tail_len.min(K.saturating_sub(chunk.len()));
+        joined[..old].copy_from_slice(&self.tail[self.tail_len - old..self.tail_len]);
+        let take = chunk.len().min(K);
+        joined[old..old + take].copy_from_slice(&chunk[chunk.len() - take..]);
+        self.tail_len = old + take;
+        self.tail[..self.tail_len].copy_from_slice(&joined[..self.tail_len]);
+        false
+    }
+}
 
 /// The request headers the router reads, from one host call.
 #[derive(Default)]
@@ -443,12 +479,7 @@ impl Request {
             self.scanned += chunk.len();
             result = scanner.feed(&chunk);
             if !self.asked_usage {
-                let head = chunk.get(..chunk.len().min(INCLUDE_USAGE.len() - 1)).unwrap_or_default();
-                let mut seam = std::mem::take(&mut self.probe_tail);
-                seam.extend_from_slice(head);
-                self.asked_usage =
-                    memchr::memmem::find(&chunk, INCLUDE_USAGE).is_some() || memchr::memmem::find(&seam, INCLUDE_USAGE).is_some();
-                self.probe_tail = chunk.get(chunk.len().saturating_sub(INCLUDE_USAGE.len() - 1)..).unwrap_or_default().to_vec();
+                self.asked_usage = self.probe.mentions_include_usage(&chunk);
             }
         }
         let model = match result {
@@ -521,5 +552,25 @@ impl Request {
                 Ok(self.reply(Some(rt), host, 503, msg, Some("router_busy"), "contention", &[("retry-after", "1")]))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UsageProbe;
+
+    #[test]
+    fn include_usage_is_found_at_any_split_and_byte_by_byte() {
+        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        for split in 0..body.len() {
+            let mut p = UsageProbe::default();
+            let found = p.mentions_include_usage(&body[..split]) | p.mentions_include_usage(&body[split..]);
+            assert!(found, "split at {split}");
+        }
+        let mut p = UsageProbe::default();
+        assert!(body.iter().any(|b| p.mentions_include_usage(std::slice::from_ref(b))), "byte by byte");
+        let mut p = UsageProbe::default();
+        let other = br#"{"model":"m","stream":true,"include":1,"usage":2}"#;
+        assert!(!other.chunks(3).any(|c| p.mentions_include_usage(c)));
     }
 }
