@@ -15,9 +15,8 @@
 
 use crate::balancer::{self, Selection};
 use crate::config::LogLevel;
-use crate::cooldown::{self, Hints};
+use crate::cooldown::Hints;
 use crate::endpoints;
-use crate::fail2ban::BanEvent;
 use crate::host::{Action, Host, HostResult};
 use crate::retry_contract::{ATTEMPTS_HEADER, NEXT_PROPERTY, NO_CREDENTIAL, PLAN_PROPERTY, RETRY_HEADER};
 use crate::runtime::{HotKey, Runtime};
@@ -191,13 +190,10 @@ impl Attempt {
     }
 
     fn finish_attempt(&mut self, rt: &Runtime, host: &dyn Host, index: usize, outcome: Outcome, hints: &Hints) {
-        let now = host.now_ms();
         let server = &rt.cfg.server;
         let status = outcome.status();
-        let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
-            .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
         if !matches!(outcome, Outcome::Reset) {
-            self.account(rt, host, index, status, cooldown, now);
+            rt.account(host, index, self.endpoint, status, hints);
         }
         let Some(plan) = self.plan.as_mut() else { return };
         let attempts = plan.tried.len();
@@ -212,7 +208,7 @@ impl Attempt {
             let idx = rt.index.borrow();
             let model_aware = server.replace_v1_models;
             let serves = |i: usize, m: &str| !model_aware || idx.serves(i, m);
-            balancer::select(host, &rt.cfg, &rt.keys, plan.model.as_deref(), &serves, &plan.tried_indices(), now)
+            balancer::select(host, &rt.cfg, &rt.keys, plan.model.as_deref(), &serves, &plan.tried_indices(), host.now_ms())
         };
         let next = match selection {
             Selection::Chosen { index: next, .. } => rt.cfg.credentials.get(next).map(|c| (next, c.name.as_str())),
@@ -241,40 +237,6 @@ impl Attempt {
         };
         rt.increment(host, HotKey::Retries(index, reason));
         rt.log(host, LogLevel::Debug, || format!("auto-ai-router: attempt {attempts} got {status}; retrying on credential {name}"));
-    }
-
-    /// fail2ban, the cooldown and the per-attempt request count of this attempt's credential.
-    fn account(&self, rt: &Runtime, host: &dyn Host, index: usize, status: u16, cooldown: Option<u64>, now: u64) {
-        if let (Some(key), Some(cred)) = (rt.keys.get(index), rt.cfg.credentials.get(index)) {
-            match balancer::record_status(host, &rt.cfg, key, status, cooldown, now) {
-                Ok(event) => {
-                    if rt.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
-                        rt.increment(host, HotKey::Errors(index));
-                    }
-                    if let BanEvent::Banned { .. } = event {
-                        rt.record(host, HotKey::Banned(index), 1);
-                        rt.log(host, LogLevel::Warn, || {
-                            format!(
-                                "auto-ai-router: credential {} banned after {} errors (last status {status})",
-                                cred.name, rt.cfg.fail2ban.max_attempts
-                            )
-                        });
-                    }
-                }
-                Err(e) => {
-                    rt.increment(host, HotKey::StateConflicts(index));
-                    rt.log(host, LogLevel::Error, || {
-                        format!("auto-ai-router: status {status} of credential {} not recorded: {e:?}", cred.name)
-                    });
-                }
-            }
-            if let Some(until) = cooldown {
-                rt.log(host, LogLevel::Info, || {
-                    format!("auto-ai-router: credential {} cools down for {} ms (status {status})", cred.name, until.saturating_sub(now))
-                });
-            }
-        }
-        rt.increment(host, HotKey::Requests(index, self.endpoint, status));
     }
 }
 

@@ -145,6 +145,7 @@ pub fn select(
     let now_s = now_ms / 1000;
     let start = claim_cursor(store, n);
     let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
+    let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
     let (mut serving, mut banned, mut busy) = (0, 0, 0);
     let mut retry_after: Option<u64> = None;
     let chosen = |index: usize, rpm_current: u32| {
@@ -180,7 +181,6 @@ pub fn select(
                 continue;
             }
         }
-        let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
         if cred.tpm != Rpm::Unlimited || model_tpm.is_some_and(|(_, l)| l != Rpm::Unlimited) {
             match read(store, &key.tokens, RateRecord::decode) {
                 Ok(Some(mut r)) => {

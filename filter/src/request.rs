@@ -12,10 +12,8 @@ use crate::balancer::{self, Selection};
 use crate::body;
 use crate::body_scan;
 use crate::config::LogLevel;
-use crate::cooldown;
 use crate::endpoints::{self, Route};
 use crate::errors;
-use crate::fail2ban::BanEvent;
 use crate::host::{Action, Host, HostError, HostResult};
 use crate::models_index::ModelIndex;
 use crate::runtime::{HotKey, Runtime};
@@ -202,8 +200,10 @@ impl Request {
         if rt.retries_on() {
             return Action::Continue;
         }
-        let hints = attempt::read_hints(host, status);
-        self.account(rt, host, index, counted, &hints);
+        rt.account(host, index, self.endpoint, counted, &attempt::read_hints(host, status));
+        if let Some(model) = &self.model {
+            rt.count_model(host, index, model);
+        }
         Action::Continue
     }
 
@@ -276,46 +276,6 @@ impl Request {
         if let (Some(rt), Phase::Routed { index }, true) = (rt, self.phase, self.accounted) {
             let elapsed = host.now_ms().saturating_sub(self.start_ms);
             rt.record(host, HotKey::Duration(index, self.endpoint), elapsed);
-        }
-    }
-
-    /// Feeds one attempt's status into fail2ban and the metrics.
-    fn account(&self, rt: &Runtime, host: &dyn Host, index: usize, status: u16, hints: &cooldown::Hints) {
-        let (Some(cred), Some(key)) = (rt.cfg.credentials.get(index), rt.keys.get(index)) else { return };
-        let now = host.now_ms();
-        let server = &rt.cfg.server;
-        let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
-            .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
-        match balancer::record_status(host, &rt.cfg, key, status, cooldown, now) {
-            Ok(event) => {
-                if rt.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
-                    rt.increment(host, HotKey::Errors(index));
-                }
-                if let BanEvent::Banned { until_ms } = event {
-                    rt.record(host, HotKey::Banned(index), 1);
-                    rt.log(host, LogLevel::Warn, || {
-                        let until = if until_ms == u64::MAX {
-                            "until restart".to_string()
-                        } else {
-                            format!("for {} ms", until_ms.saturating_sub(now))
-                        };
-                        format!(
-                            "auto-ai-router: credential {} banned {until} after {} errors (last status {status})",
-                            cred.name, rt.cfg.fail2ban.max_attempts
-                        )
-                    });
-                }
-            }
-            Err(e) => {
-                rt.increment(host, HotKey::StateConflicts(index));
-                rt.log(host, LogLevel::Error, || {
-                    format!("auto-ai-router: status {status} of credential {} not recorded for fail2ban: {e:?}", cred.name)
-                });
-            }
-        }
-        rt.increment(host, HotKey::Requests(index, self.endpoint, status));
-        if let Some(model) = &self.model {
-            rt.count_model(host, index, model);
         }
     }
 

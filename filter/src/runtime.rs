@@ -4,6 +4,8 @@
 
 use crate::balancer::{self, StateKeys};
 use crate::config::{Config, LogLevel};
+use crate::cooldown::{self, Hints};
+use crate::fail2ban::BanEvent;
 use crate::host::{Host, MetricKind};
 use crate::metrics::{self, FxBuildHasher};
 use crate::models_index::ModelIndex;
@@ -195,6 +197,49 @@ impl Runtime {
         };
         host.increment_metric(ids[0], i64::try_from(prompt).unwrap_or(i64::MAX));
         host.increment_metric(ids[1], i64::try_from(completion).unwrap_or(i64::MAX));
+    }
+
+    /// One upstream answer of credential `index`: its cooldown (if the provider asked for one),
+    /// fail2ban, and `requests_total`. Used per request (retries off) and per attempt (retries on).
+    pub fn account(&self, host: &dyn Host, index: usize, endpoint: &'static str, status: u16, hints: &Hints) {
+        let (Some(cred), Some(key)) = (self.cfg.credentials.get(index), self.keys.get(index)) else { return };
+        let now = host.now_ms();
+        let server = &self.cfg.server;
+        let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
+            .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+        match balancer::record_status(host, &self.cfg, key, status, cooldown, now) {
+            Ok(event) => {
+                if self.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
+                    self.increment(host, HotKey::Errors(index));
+                }
+                if let BanEvent::Banned { until_ms } = event {
+                    self.record(host, HotKey::Banned(index), 1);
+                    self.log(host, LogLevel::Warn, || {
+                        let until = if until_ms == u64::MAX {
+                            "until restart".to_string()
+                        } else {
+                            format!("for {} ms", until_ms.saturating_sub(now))
+                        };
+                        format!(
+                            "auto-ai-router: credential {} banned {until} after {} errors (last status {status})",
+                            cred.name, self.cfg.fail2ban.max_attempts
+                        )
+                    });
+                }
+            }
+            Err(e) => {
+                self.increment(host, HotKey::StateConflicts(index));
+                self.log(host, LogLevel::Error, || {
+                    format!("auto-ai-router: status {status} of credential {} not recorded: {e:?}", cred.name)
+                });
+            }
+        }
+        if let Some(until) = cooldown {
+            self.log(host, LogLevel::Info, || {
+                format!("auto-ai-router: credential {} cools down for {} ms (status {status})", cred.name, until.saturating_sub(now))
+            });
+        }
+        self.increment(host, HotKey::Requests(index, endpoint, status));
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
