@@ -20,7 +20,6 @@ use crate::endpoints;
 use crate::host::{Action, Host, HostResult};
 use crate::retry_contract::{ATTEMPTS_HEADER, NEXT_PROPERTY, NO_CREDENTIAL, PLAN_PROPERTY, RETRY_HEADER};
 use crate::runtime::{HotKey, Runtime};
-use crate::CLUSTER_HEADER;
 
 /// What the attempts of one request share, kept in filter state (`retry_contract::PLAN_PROPERTY`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,6 +62,15 @@ impl Plan {
         let (model, path) = rest.split_at_checked(u16::from_le_bytes([l0, l1]) as usize)?;
         let model = (has_model == 1).then(|| String::from_utf8(model.to_vec()).ok()).flatten();
         Some(Plan { tried, model, path: String::from_utf8(path.to_vec()).ok()?, start_ms: u64::from_le_bytes(*start) })
+    }
+
+    /// The current attempt's credential straight from the encoded plan (the downstream response
+    /// path needs only that: no model or path is decoded).
+    pub fn decode_current(b: &[u8]) -> Option<usize> {
+        let (&[PLAN_VERSION], rest) = b.split_first_chunk::<1>()? else { return None };
+        let (&[n], rest) = rest.get(8..)?.split_first_chunk::<1>()?;
+        let last = rest.get(2 * (n as usize).checked_sub(1)?..2 * n as usize)?;
+        Some(u16::from_le_bytes([*last.first()?, *last.get(1)?]) as usize)
     }
 
     pub fn current(&self) -> Option<usize> {
@@ -149,7 +157,6 @@ impl Attempt {
         host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
         let path = format!("{}{}", cred.path_prefix, plan.path);
         host.set_request_header(":path", Some(path.as_bytes()))?;
-        host.set_request_header(CLUSTER_HEADER, None)?;
         self.endpoint = endpoints::label(&plan.path);
         self.index = Some(i);
         self.plan = Some(plan);
@@ -274,12 +281,19 @@ mod tests {
         let p = Plan { tried: vec![0, 3], model: Some("gpt-4o".into()), path: "/v1/chat/completions?x=é".into(), start_ms: 77 };
         assert_eq!(Plan::decode(&p.encode()), Some(p.clone()));
         let none = Plan { tried: vec![1], model: None, path: "/v1/files".into(), start_ms: 0 };
-        assert_eq!(Plan::decode(&none.encode()), Some(none));
+        assert_eq!(Plan::decode(&none.encode()), Some(none.clone()));
         let bytes = p.encode();
         for cut in 0..15 {
             assert_eq!(Plan::decode(&bytes[..cut]), None, "{cut}");
         }
         assert_eq!(Plan::decode(b""), None);
         assert_eq!(p.current(), Some(3));
+        for q in [&p, &none] {
+            assert_eq!(Plan::decode_current(&q.encode()), q.current());
+        }
+        assert_eq!(Plan::decode_current(&Plan { tried: vec![], ..none.clone() }.encode()), None);
+        for cut in 0..12 {
+            assert_eq!(Plan::decode_current(&bytes[..cut]), None, "{cut}");
+        }
     }
 }

@@ -181,8 +181,8 @@ impl Request {
         };
         if rt.retries_on() {
             // The upstream filter accounted every attempt; the answer is the last credential's.
-            if let Ok(Some(plan)) = attempt::read_plan(host) {
-                let last = plan.current().unwrap_or(index);
+            let plan = host.property(&[crate::retry_contract::PLAN_PROPERTY]).ok().flatten();
+            if let Some(last) = plan.and_then(|b| attempt::Plan::decode_current(&b)) {
                 self.phase = Phase::Routed { index: last };
                 if let Some(model) = &self.model {
                     rt.count_model(host, last, model);
@@ -464,11 +464,17 @@ impl Request {
         match selection {
             Selection::Chosen { index, rpm_current } => {
                 let (Some(cred), Some(bearer)) = (rt.cfg.credentials.get(index), rt.bearer.get(index)) else { return Err(HostError(0)) };
-                host.set_request_header("authorization", Some(bearer.as_bytes()))?;
-                host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
-                if !cred.path_prefix.is_empty() {
-                    let path = format!("{}{}", cred.path_prefix, self.path);
-                    host.set_request_header(":path", Some(path.as_bytes()))?;
+                if rt.retries_on() {
+                    // The upstream filter sets each attempt's key, authority and path; here the
+                    // master key only has to go (so it can't leave Envoy whatever the bootstrap).
+                    host.set_request_header("authorization", None)?;
+                } else {
+                    host.set_request_header("authorization", Some(bearer.as_bytes()))?;
+                    host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
+                    if !cred.path_prefix.is_empty() {
+                        let path = format!("{}{}", cred.path_prefix, self.path);
+                        host.set_request_header(":path", Some(path.as_bytes()))?;
+                    }
                 }
                 host.set_request_header(CLUSTER_HEADER, Some(cred.name.as_bytes()))?;
                 if rt.retries_on() {

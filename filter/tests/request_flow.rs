@@ -74,7 +74,7 @@ fn a_foreign_host_passes_byte_for_byte() {
 
 #[test]
 fn our_host_is_routed_and_loses_client_routing_headers() {
-    let rt = runtime(", replace_v1_models: false, hosts: ['AI.example.com']", -1);
+    let rt = runtime(", replace_v1_models: false, max_provider_retries: 0, hosts: ['AI.example.com']", -1);
     let store = Rc::new(MemStore::default());
     let mut headers = chat_headers("ai.example.com:8443");
     headers.push(("x-api-key", "client-key".into()));
@@ -306,4 +306,17 @@ fn a_stream_nobody_asked_usage_of_is_not_scanned_unless_a_tpm_limit_needs_it() {
     let split = asked.windows(7).position(|w| w == b"_usage\"").unwrap();
     ask(asked, split);
     assert_eq!(completion(), 7, "include_usage found across the body chunk boundary: scanned");
+}
+
+#[test]
+fn with_retries_on_the_router_leaves_the_key_to_the_upstream_filter_and_drops_the_master_key() {
+    let rt = runtime(", replace_v1_models: false", -1);
+    let store = Rc::new(MemStore::default());
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    assert_eq!(run(&rt, &h), (Action::Pause, Action::Continue));
+    assert_eq!(h.header("authorization"), None, "the master key never leaves Envoy, whatever the bootstrap");
+    assert_eq!(h.header(":authority").as_deref(), Some("r"), "each attempt sets its own");
+    let plan = filter::attempt::Plan::decode(&h.properties.borrow()["auto_ai_router_plan"]).unwrap();
+    assert_eq!((plan.tried.as_slice(), plan.path.as_str()), (&[0u16][..], "/v1/chat/completions"));
+    assert_eq!(h.properties.borrow()["auto_ai_router_next"], b"c1");
 }

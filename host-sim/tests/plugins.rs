@@ -7,12 +7,14 @@ const MASTER: &str = "sk-master-0123456789";
 const CHAT: &str = "/v1/chat/completions";
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 
+/// Retries off: this suite checks what the router itself sends upstream (with retries on, the
+/// upstream filter sets each attempt's key: tests/retry.rs).
 fn cfg(names: &[&str]) -> String {
     let creds: String = names
         .iter()
         .map(|n| format!("  - {{name: {n}, api_key: sk-{n}-secret-key, base_url: 'https://{n}.provider.test/v1', rpm: -1}}\n"))
         .collect();
-    format!("server: {{master_key: {MASTER}, default_models_rpm: -1, replace_v1_models: false}}\ncredentials:\n{creds}")
+    format!("server: {{master_key: {MASTER}, default_models_rpm: -1, replace_v1_models: false, max_provider_retries: 0}}\ncredentials:\n{creds}")
 }
 
 fn chat_request() -> Request {
@@ -70,9 +72,7 @@ fn a_rejected_config_push_leaves_the_running_configuration_serving() {
 fn two_plugins_in_one_vm_each_with_its_own_configuration() {
     let host = Host::new();
     // (Any root id but the upstream filter's runs the router.)
-    // Retries off: the router itself accounts the statuses (no upstream filter here).
-    let no_retry = |c: String| c.replace("replace_v1_models: false", "replace_v1_models: false, max_provider_retries: 0");
-    let mut vm = host.vm_with(VmConfig::new(no_retry(cfg(&["a"]))).plugin("second_router", no_retry(cfg(&["b"])))).unwrap();
+    let mut vm = host.vm_with(VmConfig::new(cfg(&["a"])).plugin("second_router", cfg(&["b"]))).unwrap();
     let ex = vm.send(chat_request().body(BODY));
     assert_eq!(ex.cluster(), Some("a"));
     vm.respond(&ex, 500, &[], b"{}");

@@ -467,7 +467,7 @@ fn client_routing_header_cannot_pick_the_cluster() {
 fn base_url_path_is_prefixed() {
     let host = Host::new();
     let c = format!(
-        "server: {{master_key: {MASTER}, replace_v1_models: false}}\ncredentials:\n  - {{name: az, api_key: sk-az-secret-key, base_url: 'http://gw.test:8443/openai/', rpm: -1}}\n"
+        "server: {{master_key: {MASTER}, replace_v1_models: false, max_provider_retries: 0}}\ncredentials:\n  - {{name: az, api_key: sk-az-secret-key, base_url: 'http://gw.test:8443/openai/', rpm: -1}}\n"
     );
     let mut vm = vm_for(&host, &c);
     let ex = chat(&mut vm, "m");
@@ -580,7 +580,7 @@ fn metrics_count_requests_by_credential_endpoint_status() {
 #[test]
 fn os_environ_keys_resolve_from_vm_environment() {
     let host = Host::new();
-    let c = "server: {master_key: os.environ/MK, replace_v1_models: false}\ncredentials:\n  - {name: c1, api_key: os.environ/C1_KEY, base_url: 'https://a.test', rpm: -1}\n";
+    let c = "server: {master_key: os.environ/MK, replace_v1_models: false, max_provider_retries: 0}\ncredentials:\n  - {name: c1, api_key: os.environ/C1_KEY, base_url: 'https://a.test', rpm: -1}\n";
     let mut vm = host.vm(c, &[("MK", "sk-from-env-master"), ("C1_KEY", "sk-from-env-provider")]).unwrap();
     let ex = vm.post(CHAT, "sk-from-env-master", r#"{"model":"m"}"#);
     assert_eq!(ex.expect_forwarded().header("authorization"), Some("Bearer sk-from-env-provider"));
