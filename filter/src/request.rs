@@ -396,6 +396,9 @@ impl Request {
         }
         match route {
             Route::ListModels if rt.cfg.server.replace_v1_models => {
+                // The listing endpoints reload the index themselves (they are not the hot path),
+                // so every worker answers the same lists; routing reloads it on the tick.
+                rt.refresh_index(host);
                 let body = rt.index.borrow().list_json();
                 self.ok_json(host, 200, &body)
             }
@@ -405,6 +408,7 @@ impl Request {
                 self.ok_json(host, 200, &balancer::credential_states_json(&states, now))
             }
             Route::GetModel(id) if rt.cfg.server.replace_v1_models => {
+                rt.refresh_index(host);
                 let entry = rt.index.borrow().get(&id).map(ModelIndex::entry_json);
                 match entry {
                     Some(body) => self.ok_json(host, 200, &body),

@@ -53,7 +53,9 @@ fn merged_models_and_model_aware_routing() {
     let unauth = r.send(&Request::get("/v1/models"));
     assert_eq!((unauth.status, unauth.error_code().as_deref()), (401, Some("missing_api_key")), "the list needs the master key");
 
-    // Routing follows the lists.
+    // Routing follows the lists, at most a second late on each worker (their index reloads on the
+    // 1 s tick; README): wait one tick so both workers route on them.
+    std::thread::sleep(Duration::from_millis(1100));
     for _ in 0..5 {
         assert_eq!(r.chat("claude-3").header("x-mock-provider"), Some("b"));
         assert_eq!(r.chat("gpt-4o").header("x-mock-provider"), Some("a"));
@@ -88,6 +90,7 @@ fn merged_models_and_model_aware_routing() {
     });
     let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["claude-3", "gpt-4o", "gpt-new", "shared-model"], "b's last good list is kept after a failed fetch");
+    std::thread::sleep(Duration::from_millis(1100)); // one tick: both workers route on the new lists
     control(&b, json!({"fault_scope": "inference", "fail_every": 0}));
     for _ in 0..3 {
         assert_eq!(r.chat("gpt-new").header("x-mock-provider"), Some("a"));
