@@ -311,6 +311,17 @@ fn routes(p: &Prepared) -> Vec<Value> {
     ]
 }
 
+/// An access-log filter on a CEL expression (Envoy's local-reply mappers take these).
+fn cel_filter(expression: &str) -> Value {
+    json!({"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": expression,
+        },
+    }})
+}
+
 /// Envoy's own local replies as OpenAI-style JSON: upstream failures (by response flag) and the
 /// wasm failure policy's 503 (a VM trap, or a worker whose VM is being reloaded), which Envoy
 /// sends with an empty body; matched on its response code details. The filter's own JSON replies
@@ -331,13 +342,7 @@ fn local_reply_config(retries: bool) -> Value {
         mappers.push(json!({
             "filter": {"and_filter": {"filters": [
                 {"response_flag_filter": {"flags": ["UH"]}},
-                {"extension_filter": {
-                    "name": "envoy.access_loggers.extension_filters.cel",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                        "expression": format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'"),
-                    },
-                }},
+                cel_filter(&format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'")),
             ]}},
             "body_format_override": {"json_format": {"error": {
                 "message": "No credential is available: every credential that could serve this request failed or was already tried",
@@ -348,13 +353,7 @@ fn local_reply_config(retries: bool) -> Value {
     mappers.extend([
         mapper(&["UF", "UH", "UC", "URX", "UO", "NC", "UMSDR", "DC"], "service_unavailable_error", "upstream_unavailable"),
         json!({
-            "filter": {"extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                    "expression": format!("response.code_details == '{WASM_FAIL_DETAILS}'"),
-                },
-            }},
+            "filter": cel_filter(&format!("response.code_details == '{WASM_FAIL_DETAILS}'")),
             "body_format_override": {"json_format": {"error": {
                 "message": "The router failed on this request and refused it (it reached no provider); retry it",
                 "type": "service_unavailable_error", "param": null, "code": "router_unavailable",
