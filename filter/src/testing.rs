@@ -70,6 +70,14 @@ impl MemHost {
     }
 }
 
+/// Replaces (`Some`) or removes (`None`) every `name` header, as Envoy's header maps do.
+fn set_header(headers: &mut Vec<(String, Vec<u8>)>, name: &str, value: Option<&[u8]>) {
+    headers.retain(|(k, _)| k != name);
+    if let Some(v) = value {
+        headers.push((name.to_string(), v.to_vec()));
+    }
+}
+
 impl SharedStore for MemHost {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
         self.call("get_shared_data").map_err(|e| StoreError::Host(e.0))?;
@@ -103,11 +111,7 @@ impl Host for MemHost {
 
     fn set_request_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
         self.call("set_request_header")?;
-        let mut h = self.request_headers.borrow_mut();
-        h.retain(|(k, _)| k != name);
-        if let Some(v) = value {
-            h.push((name.to_string(), v.to_vec()));
-        }
+        set_header(&mut self.request_headers.borrow_mut(), name, value);
         Ok(())
     }
 
@@ -135,11 +139,7 @@ impl Host for MemHost {
 
     fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
         self.call("set_response_header")?;
-        let mut h = self.response_headers.borrow_mut();
-        h.retain(|(k, _)| k != name);
-        if let Some(v) = value {
-            h.push((name.to_string(), v.to_vec()));
-        }
+        set_header(&mut self.response_headers.borrow_mut(), name, value);
         Ok(())
     }
 
