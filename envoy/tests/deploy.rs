@@ -9,32 +9,8 @@ use serde_yaml::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn docs(path: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(repo().join(path)).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::with::singleton_map_recursive::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
-        .collect()
-}
-
-fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
-    let mut cur = v;
-    for key in path.split('.') {
-        cur = match key.parse::<usize>() {
-            Ok(i) => cur.get(i),
-            Err(_) => cur.get(key),
-        }
-        .unwrap_or_else(|| panic!("missing {path} (at {key}) in {v:?}"));
-    }
-    cur
-}
-
-fn str_of<'a>(v: &'a Value, path: &str) -> &'a str {
-    get(v, path).as_str().unwrap_or_else(|| panic!("{path} is not a string"))
-}
+mod common;
+use common::{docs, get, repo, str_of};
 
 const COMPOSE_ENV: [(&str, &str); 3] =
     [("ROUTER_MASTER_KEY", "sk-your-secret-key"), ("MOCK_A_API_KEY", "sk-mock-a-key"), ("MOCK_B_API_KEY", "sk-mock-b-key")];
@@ -224,7 +200,7 @@ fn mounted_file(service: &Value, container_path: &str) -> PathBuf {
 }
 
 fn yaml_file(path: &Path) -> Value {
-    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    docs(path).into_iter().next().unwrap_or_else(|| panic!("{}: no YAML document", path.display()))
 }
 
 /// docker-compose also runs Prometheus, scraping the router's public /metrics, and Grafana with the

@@ -6,39 +6,14 @@
 
 use filter::config;
 use serde_yaml::Value;
-use std::path::{Path, PathBuf};
 
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn docs(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::with::singleton_map_recursive::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .collect()
-}
-
-fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
-    let mut cur = v;
-    for key in path.split('.') {
-        cur = match key.parse::<usize>() {
-            Ok(i) => cur.get(i),
-            Err(_) => cur.get(key),
-        }
-        .unwrap_or_else(|| panic!("missing {path} (at {key})"));
-    }
-    cur
-}
-
-fn str_of<'a>(v: &'a Value, path: &str) -> &'a str {
-    get(v, path).as_str().unwrap_or_else(|| panic!("{path} is not a string"))
-}
+mod common;
+use common::{docs, get, repo, str_of};
 
 fn envoyfilter(rel: &str) -> Value {
-    let all = docs(&repo().join(rel));
+    let all = docs(rel);
     assert_eq!(all.len(), 1, "{rel}: one document");
     assert_eq!(str_of(&all[0], "kind"), "EnvoyFilter", "{rel}");
     all.into_iter().next().unwrap()
