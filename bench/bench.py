@@ -376,6 +376,17 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def paired_row(title: str, ra: list[dict], rb: list[dict]) -> str:
+    """A table row for case b against case a, paired per round: throughput ratio, added p50/p99/CPU."""
+    n = min(len(ra), len(rb))
+    ratio = median([rb[i]["rps"] / ra[i]["rps"] for i in range(n) if ra[i]["rps"]])
+    d50 = median([rb[i]["p50_us"] - ra[i]["p50_us"] for i in range(n)])
+    d99 = median([rb[i]["p99_us"] - ra[i]["p99_us"] for i in range(n)])
+    dcpu = [rb[i]["cpu_us"] - ra[i]["cpu_us"] for i in range(n)
+            if rb[i].get("cpu_us") is not None and ra[i].get("cpu_us") is not None]
+    return f"| {title} | {ratio:.2f}× | {signed_us(d50)} | {signed_us(d99)} | {signed_us(median(dcpu)) if dcpu else '—'} |"
+
+
 def build_report(results: dict, cases: list[str], meta: dict) -> str:
     L = []
     L.append("# make bench: the router filter against plain Envoy and the direct path\n")
@@ -403,33 +414,17 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
     rows = []
     for a, b, title in pairs:
         if a in results and b in results:
-            ra, rb = results[a], results[b]
-            n = min(len(ra), len(rb))
-            ratio = median([rb[i]["rps"] / ra[i]["rps"] for i in range(n) if ra[i]["rps"]])
-            d50 = median([rb[i]["p50_us"] - ra[i]["p50_us"] for i in range(n)])
-            d99 = median([rb[i]["p99_us"] - ra[i]["p99_us"] for i in range(n)])
-            dcpu = [rb[i]["cpu_us"] - ra[i]["cpu_us"] for i in range(n)
-                    if rb[i].get("cpu_us") is not None and ra[i].get("cpu_us") is not None]
-            rows.append(f"| {title} | {ratio:.2f}× | {signed_us(d50)} | {signed_us(d99)} | "
-                        f"{signed_us(median(dcpu)) if dcpu else '—'} |")
+            rows.append(paired_row(title, results[a], results[b]))
     if rows:
         L.append("| router (3) vs plain Envoy (2) | throughput 3/2 | added p50 | added p99 | added Envoy CPU per request |")
         L.append("|---|---:|---:|---:|---:|")
         L.extend(rows)
         L.append("")
     if "router" in results and "router_noretry" in results:
-        ra, rb = results["router_noretry"], results["router"]
-        n = min(len(ra), len(rb))
-        ratio = median([rb[i]["rps"] / ra[i]["rps"] for i in range(n) if ra[i]["rps"]])
-        d50 = median([rb[i]["p50_us"] - ra[i]["p50_us"] for i in range(n)])
-        d99 = median([rb[i]["p99_us"] - ra[i]["p99_us"] for i in range(n)])
-        dcpu = [rb[i]["cpu_us"] - ra[i]["cpu_us"] for i in range(n)
-                if rb[i].get("cpu_us") is not None and ra[i].get("cpu_us") is not None]
         L.append("| retries on (3) vs max_provider_retries: 0 (3b), no request retried | throughput 3/3b | added p50 | "
                  "added p99 | added Envoy CPU per request |")
         L.append("|---|---:|---:|---:|---:|")
-        L.append(f"| 1 KB POST, {CONNECTIONS} connections | {ratio:.2f}× | {signed_us(d50)} | {signed_us(d99)} | "
-                 f"{signed_us(median(dcpu)) if dcpu else '—'} |")
+        L.append(paired_row(f"1 KB POST, {CONNECTIONS} connections", results["router_noretry"], results["router"]))
         L.append("")
         L.append("3 − 3b is the upstream filter (one more wasm HTTP context per attempt), the filter-state plan, "
                  "the retry policy and the matcher cluster specifier, on requests that are not retried.\n")
