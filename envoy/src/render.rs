@@ -17,6 +17,7 @@
 //!   on retry (checked on Envoy 1.40).
 
 use crate::prepare::{Prepared, ADMIN_CLUSTER, NO_CREDENTIAL_CLUSTER};
+use filter::config::RLS_CLUSTER;
 use filter::config::{Credential, LogLevel, Scheme};
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -537,6 +538,31 @@ fn stats_config() -> Value {
     })
 }
 
+/// The rate-limit service of `global_limits`: gRPC, so HTTP/2 (without it every call fails with
+/// gRPC status 14 "protocol error"). Plaintext: it runs next to the router (a sidecar, a pod in
+/// the mesh, a compose service).
+fn rls_cluster(g: &filter::config::GlobalLimits, o: &RenderOptions) -> Value {
+    let ip = g.host.parse::<IpAddr>().ok();
+    let mut cluster = json!({
+        "name": RLS_CLUSTER,
+        "connect_timeout": duration(o.connect_timeout_secs),
+        "type": if ip.is_some() { "STATIC" } else { "STRICT_DNS" },
+        "load_assignment": endpoint_cluster(RLS_CLUSTER, &g.host, g.port),
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }},
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000,
+        }]},
+    });
+    if ip.is_none() {
+        cluster["dns_lookup_family"] = json!("V4_PREFERRED");
+    }
+    cluster
+}
+
 /// The complete bootstrap.
 pub fn render(p: &Prepared, o: &RenderOptions) -> Value {
     let upstream = retries_on(p).then(|| upstream_filters(p, o));
@@ -550,6 +576,9 @@ pub fn render(p: &Prepared, o: &RenderOptions) -> Value {
             // Envoy counts the retry that lands here against this cluster's retry budget.
             "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_RETRIES}]},
         }));
+    }
+    if let Some(g) = &p.config.global {
+        clusters.push(rls_cluster(g, o));
     }
     clusters.push(json!({
         "name": ADMIN_CLUSTER,
@@ -710,6 +739,22 @@ mod tests {
         let text = bootstrap_for("").to_string();
         assert!(!text.contains(KEY) && !text.contains(MASTER), "{text}");
         assert!(text.contains("os.environ/AUTO_AI_ROUTER_A_API_KEY"), "{text}");
+    }
+
+    #[test]
+    fn global_limits_render_an_http2_cluster_for_the_service() {
+        let b = bootstrap_for("");
+        assert!(clusters(&b).iter().all(|c| c["name"] != RLS_CLUSTER), "none without global_limits");
+        let text = format!(
+            "server:\n  master_key: \"{MASTER}\"\ncredentials:\n  - name: a\n    api_key: \"{KEY}\"\n    base_url: \"http://127.0.0.1:9\"\n    rpm: 60\nglobal_limits:\n  service: \"ratelimit.default.svc:8081\"\n"
+        );
+        let p = prepare(&text, None, &|_| None, "config.yaml", "models.yaml").unwrap();
+        let b = render(&p, &RenderOptions::default());
+        let c = clusters(&b).iter().find(|c| c["name"] == RLS_CLUSTER).expect("the rate-limit service's cluster");
+        assert_eq!(c["type"], "STRICT_DNS");
+        assert_eq!(at(c, "/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address/port_value"), 8081);
+        let h2 = at(c, "/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/explicit_http_config");
+        assert_eq!(h2, &json!({"http2_protocol_options": {}}));
     }
 
     #[test]

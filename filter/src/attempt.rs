@@ -215,7 +215,10 @@ impl Attempt {
             let idx = rt.index.borrow();
             let model_aware = server.replace_v1_models;
             let serves = |i: usize, m: &str| !model_aware || idx.serves(i, m);
-            balancer::select(host, &rt.cfg, &rt.keys, plan.model.as_deref(), &serves, &plan.tried_indices(), host.now_ms())
+            let now = host.now_ms();
+            let mut gate = crate::request::Gatekeeper { rt, host, model: plan.model.as_deref(), now_ms: now, may_ask: false };
+            let mut walk = balancer::Walk::default();
+            balancer::select_with(host, &rt.cfg, &rt.keys, plan.model.as_deref(), &serves, &plan.tried_indices(), now, &mut walk, &mut gate)
         };
         let next = match selection {
             Selection::Chosen { index: next, .. } => rt.cfg.credentials.get(next).map(|c| (next, c.name.as_str())),

@@ -3,6 +3,7 @@
 
 use crate::config::{Config, Credential, Fail2Ban, Rpm};
 use crate::fail2ban::{BanEvent, BanRecord};
+use crate::global::Gate;
 use crate::rate_window::{RateRecord, Refused};
 use crate::store::{cas_update, read, write_token, SharedStore, UpdateError};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -22,6 +23,9 @@ pub struct StateKeys {
     pub tokens: String,
     pub ban: String,
     pub models: String,
+    /// Global limits: what the rate-limit service said (full notes, leased slots); per model
+    /// under `<global>/<model hash>`.
+    pub global: String,
 }
 
 fn fx(f: impl FnOnce(&mut rustc_hash::FxHasher)) -> u64 {
@@ -39,6 +43,7 @@ impl StateKeys {
             tokens: format!("aar/tpm/{}/{id:016x}", c.name),
             ban: format!("aar/ban/{}/{id:016x}/{p:08x}", c.name),
             models: format!("aar/models/list/{}/{id:016x}", c.name),
+            global: format!("aar/global/{}/{id:016x}", c.name),
         }
     }
 
@@ -67,6 +72,12 @@ pub enum Selection {
     /// No candidate could be charged for a reason of ours, not a limit: shared-data contention,
     /// a record that was corrupt (reset now), a host error, or too many distinct models.
     Busy,
+    /// Candidates were refused because the rate-limit service is down (`on_unavailable: deny`).
+    GlobalUnavailable,
+    /// Candidate `index` passed its local checks; only the rate-limit service can admit it.
+    Ask {
+        index: usize,
+    },
 }
 
 fn decode_cursor(b: &[u8]) -> Option<u32> {
@@ -126,6 +137,41 @@ fn check_ban(store: &dyn SharedStore, key: &str, now_ms: u64) -> BanCheck {
     }
 }
 
+/// Where a selection is in its round-robin walk: kept by a request while it waits for the
+/// rate-limit service about one candidate, then resumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Walk {
+    start: usize,
+    /// Candidates looked at so far.
+    k: usize,
+    serving: usize,
+    banned: usize,
+    busy: usize,
+    /// Refused because the rate-limit service is down (`on_unavailable: deny`).
+    unavailable: usize,
+    retry_after: Option<u64>,
+}
+
+impl Walk {
+    fn refused_for(&mut self, r: u64) {
+        self.retry_after = Some(self.retry_after.map_or(r, |x| x.min(r)));
+    }
+}
+
+/// The global limit's say on candidate `index` (see `global::gate`); `NoGlobal` ignores it.
+pub trait GlobalGate {
+    fn gate(&mut self, index: usize) -> Gate;
+}
+
+/// No global limits (or none for this pick).
+pub struct NoGlobal;
+
+impl GlobalGate for NoGlobal {
+    fn gate(&mut self, _: usize) -> Gate {
+        Gate::Pass
+    }
+}
+
 /// Picks a credential for a request and charges its RPM windows.
 /// `serves(i, model)` says whether credential `i` serves the model (true if its list is unknown);
 /// credentials in `exclude` (already tried for this request) are never picked.
@@ -138,46 +184,60 @@ pub fn select(
     exclude: &[usize],
     now_ms: u64,
 ) -> Selection {
+    let mut walk = Walk::default();
+    select_with(store, cfg, keys, model, serves, exclude, now_ms, &mut walk, &mut NoGlobal)
+}
+
+/// [`select`] with a global gate for credentials that have an RPM limit. When the gate says
+/// `Ask`, returns [`Selection::Ask`] with `walk` at that candidate: the caller asks the service
+/// and goes on with [`resume`].
+#[allow(clippy::too_many_arguments)]
+pub fn select_with(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    keys: &[StateKeys],
+    model: Option<&str>,
+    serves: &dyn Fn(usize, &str) -> bool,
+    exclude: &[usize],
+    now_ms: u64,
+    walk: &mut Walk,
+    global: &mut dyn GlobalGate,
+) -> Selection {
     let n = cfg.credentials.len().min(keys.len());
     if n == 0 {
         return Selection::Busy;
     }
+    if walk.k == 0 {
+        walk.start = claim_cursor(store, n);
+    }
     let now_s = now_ms / 1000;
-    let start = claim_cursor(store, n);
-    let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
     let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
-    let (mut serving, mut banned, mut busy) = (0, 0, 0);
-    let mut retry_after: Option<u64> = None;
-    let chosen = |index: usize, rpm_current: u32| {
-        if index != start {
-            advance_cursor_past(store, (start + 1) % n, index, n);
-        }
-        Selection::Chosen { index, rpm_current }
-    };
-    for k in 0..n {
-        let i = (start + k) % n;
-        let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) else { continue };
-        if exclude.contains(&i) {
+    while walk.k < n {
+        let i = (walk.start + walk.k) % n;
+        let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) else {
+            walk.k += 1;
+            continue;
+        };
+        if exclude.contains(&i) || model.is_some_and(|m| !serves(i, m)) {
+            walk.k += 1;
             continue;
         }
-        if let Some(m) = model {
-            if !serves(i, m) {
-                continue;
-            }
-        }
-        serving += 1;
+        walk.serving += 1;
         match check_ban(store, &key.ban, now_ms) {
             BanCheck::Free => {}
             BanCheck::Banned => {
-                banned += 1;
+                walk.banned += 1;
+                walk.k += 1;
                 continue;
             }
             BanCheck::Unreadable => {
-                busy += 1;
+                walk.busy += 1;
+                walk.k += 1;
                 continue;
             }
             BanCheck::Cooling(r) => {
-                retry_after = Some(retry_after.map_or(r, |x| x.min(r)));
+                walk.refused_for(r);
+                walk.k += 1;
                 continue;
             }
         }
@@ -186,39 +246,174 @@ pub fn select(
                 Ok(Some(mut r)) => {
                     r.prune(now_s);
                     if let Err(wait) = r.check_tokens(now_s, cred.tpm, model_tpm) {
-                        retry_after = Some(retry_after.map_or(wait, |x| x.min(wait)));
+                        walk.refused_for(wait);
+                        walk.k += 1;
                         continue;
                     }
                 }
                 // Unreadable or corrupt (reset when the next usage is charged): refused this once.
                 _ => {
-                    busy += 1;
+                    walk.busy += 1;
+                    walk.k += 1;
                     continue;
                 }
             }
         }
+        let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
-            return chosen(i, 0);
+            return chosen(store, walk, n, i, 0);
         }
-        let outcome = cas_update(store, &key.rate, RateRecord::decode, RateRecord::encode, |r| {
-            r.prune(now_s);
-            match r.try_admit(now_s, cred.rpm, model_limit) {
-                Ok(()) => (true, Ok(r.credential.count())),
-                Err(e) => (false, Err(e)),
+        let gate = if cfg.global.is_some() {
+            // No call to the service for a key whose local window is full anyway.
+            match peek(store, key, cred.rpm, model_limit, now_s) {
+                Ok(()) => global.gate(i),
+                Err(e) => {
+                    walk.note(e);
+                    walk.k += 1;
+                    continue;
+                }
             }
-        });
-        match outcome {
-            Ok(Ok(rpm_current)) => return chosen(i, rpm_current),
-            Ok(Err(Refused::Full { retry_after: r })) => {
-                retry_after = Some(retry_after.map_or(r, |x| x.min(r)));
+        } else {
+            Gate::Pass
+        };
+        match gate {
+            Gate::Ask => {
+                walk.serving -= 1;
+                return Selection::Ask { index: i };
             }
-            // Refuse rather than risk over-admitting.
-            Ok(Err(Refused::TooManyModels)) | Err(_) => busy += 1,
+            Gate::Refuse(r) => walk.refused_for(r),
+            Gate::Unavailable => walk.unavailable += 1,
+            Gate::Pass | Gate::Share => {
+                let share = if gate == Gate::Share { cfg.global.as_ref() } else { None };
+                match charge(store, cred, key, model_limit, share, now_s) {
+                    Ok(rpm_current) => return chosen(store, walk, n, i, rpm_current),
+                    Err(e) => walk.note(e),
+                }
+            }
+        }
+        walk.k += 1;
+    }
+    finish(walk, exclude)
+}
+
+/// Goes on after the service answered about the candidate [`Selection::Ask`] named: `gate` is
+/// `Pass`/`Share` (charge its local windows), or a refusal (try the next one).
+/// `Err(())` from the charge means the local window refused a globally admitted slot.
+#[allow(clippy::too_many_arguments)]
+pub fn resume(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    keys: &[StateKeys],
+    model: Option<&str>,
+    serves: &dyn Fn(usize, &str) -> bool,
+    now_ms: u64,
+    walk: &mut Walk,
+    gate: Gate,
+    global: &mut dyn GlobalGate,
+) -> (Selection, bool) {
+    let n = cfg.credentials.len().min(keys.len());
+    let i = (walk.start + walk.k) % n.max(1);
+    walk.serving += 1;
+    let mut unused = false;
+    match gate {
+        Gate::Pass | Gate::Share => {
+            if let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) {
+                let share = if gate == Gate::Share { cfg.global.as_ref() } else { None };
+                let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
+                match charge(store, cred, key, model_limit, share, now_ms / 1000) {
+                    Ok(rpm_current) => return (chosen(store, walk, n, i, rpm_current), false),
+                    Err(e) => {
+                        walk.note(e);
+                        unused = gate == Gate::Pass;
+                    }
+                }
+            }
+        }
+        Gate::Refuse(r) => walk.refused_for(r),
+        Gate::Unavailable => walk.unavailable += 1,
+        Gate::Ask => walk.busy += 1,
+    }
+    walk.k += 1;
+    (select_with(store, cfg, keys, model, serves, &[], now_ms, walk, global), unused)
+}
+
+enum ChargeError {
+    Full(u64),
+    Busy,
+}
+
+impl Walk {
+    fn note(&mut self, e: ChargeError) {
+        match e {
+            ChargeError::Full(r) => self.refused_for(r),
+            ChargeError::Busy => self.busy += 1,
         }
     }
-    match retry_after {
+}
+
+fn chosen(store: &dyn SharedStore, walk: &Walk, n: usize, index: usize, rpm_current: u32) -> Selection {
+    if index != walk.start {
+        advance_cursor_past(store, (walk.start + 1) % n, index, n);
+    }
+    Selection::Chosen { index, rpm_current }
+}
+
+fn share_of(limit: Rpm, share: Option<&crate::config::GlobalLimits>) -> Rpm {
+    match (limit, share) {
+        (Rpm::Limit(l), Some(g)) => Rpm::Limit(g.share(l)),
+        (l, _) => l,
+    }
+}
+
+/// Whether the local windows would admit now, without charging them.
+fn peek(store: &dyn SharedStore, key: &StateKeys, rpm: Rpm, model_limit: Option<(&str, Rpm)>, now_s: u64) -> Result<(), ChargeError> {
+    match read(store, &key.rate, RateRecord::decode) {
+        Ok(r) => {
+            let mut r = r.unwrap_or_default();
+            r.prune(now_s);
+            match r.try_admit(now_s, rpm, model_limit) {
+                Ok(()) => Ok(()),
+                Err(Refused::Full { retry_after }) => Err(ChargeError::Full(retry_after)),
+                Err(Refused::TooManyModels) => Err(ChargeError::Busy),
+            }
+        }
+        Err(_) => Err(ChargeError::Busy),
+    }
+}
+
+/// Charges the local windows (with this replica's share of the limits while the service is down
+/// and `on_unavailable: local`).
+fn charge(
+    store: &dyn SharedStore,
+    cred: &Credential,
+    key: &StateKeys,
+    model_limit: Option<(&str, Rpm)>,
+    share: Option<&crate::config::GlobalLimits>,
+    now_s: u64,
+) -> Result<u32, ChargeError> {
+    let rpm = share_of(cred.rpm, share);
+    let model_limit = model_limit.map(|(m, l)| (m, share_of(l, share)));
+    let outcome = cas_update(store, &key.rate, RateRecord::decode, RateRecord::encode, |r| {
+        r.prune(now_s);
+        match r.try_admit(now_s, rpm, model_limit) {
+            Ok(()) => (true, Ok(r.credential.count())),
+            Err(e) => (false, Err(e)),
+        }
+    });
+    match outcome {
+        Ok(Ok(rpm_current)) => Ok(rpm_current),
+        Ok(Err(Refused::Full { retry_after })) => Err(ChargeError::Full(retry_after)),
+        // Refuse rather than risk over-admitting.
+        Ok(Err(Refused::TooManyModels)) | Err(_) => Err(ChargeError::Busy),
+    }
+}
+
+fn finish(walk: &Walk, exclude: &[usize]) -> Selection {
+    let (serving, banned, busy) = (walk.serving, walk.banned, walk.busy);
+    match walk.retry_after {
         _ if serving == 0 && exclude.is_empty() => Selection::NoModel,
         _ if serving == 0 => Selection::Unavailable { banned, serving },
+        _ if walk.unavailable > 0 => Selection::GlobalUnavailable,
         Some(r) if banned == 0 && busy == 0 => Selection::RateLimited { retry_after: r },
         _ if busy > 0 => Selection::Busy,
         _ => Selection::Unavailable { banned, serving },

@@ -62,6 +62,13 @@ pub trait Host: SharedStore {
     fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32>;
     fn http_call_response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>>;
     fn http_call_response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>>;
+
+    /// A unary gRPC call from this stream's context; the reply comes back to it with the token.
+    fn dispatch_grpc_call(&self, cluster: &str, service: &str, method: &str, message: &[u8], timeout: Duration) -> HostResult<u32>;
+    /// The reply message of the gRPC call at hand (`size` bytes).
+    fn grpc_response(&self, size: usize) -> HostResult<Vec<u8>>;
+    /// Lets a paused request go on (after a callout decided it).
+    fn resume_request(&self) -> HostResult<()>;
 }
 
 /// A header map in the ABI's layout: count, (key, value) sizes, then NUL-terminated keys and values.

@@ -24,9 +24,11 @@ pub const RETRIES_TOTAL: &str = "auto_ai_router_retries_total";
 /// headers to the routing decision or the local reply; includes waiting for the body).
 pub const OVERHEAD: &str = "auto_ai_router_overhead_microseconds";
 pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
+/// Calls to the rate-limit service (global limits): `{result}` = `ok`, `over_limit` or `error`.
+pub const GLOBAL_CHECKS_TOTAL: &str = "auto_ai_router_global_checks_total";
 
 /// Label keys, for the renderer's `stats_tags`.
-pub const LABELS: [&str; 6] = ["credential", "endpoint", "status", "model", "reason", "type"];
+pub const LABELS: [&str; 7] = ["credential", "endpoint", "status", "model", "reason", "type", "result"];
 
 /// Characters that would break tag extraction are replaced.
 fn push_clean(out: &mut String, value: &str) {

@@ -8,14 +8,16 @@
 
 use crate::attempt;
 use crate::auth;
-use crate::balancer::{self, Selection};
+use crate::balancer::{self, GlobalGate, Selection, Walk};
 use crate::body;
 use crate::body_scan;
 use crate::config::LogLevel;
 use crate::endpoints::{self, Route};
 use crate::errors;
+use crate::global::{self, Check, Gate};
 use crate::host::{Action, Host, HostError, HostResult};
 use crate::models_index::ModelIndex;
+use crate::rls;
 use crate::runtime::{HotKey, Runtime};
 use crate::upstream_status;
 use crate::usage;
@@ -63,6 +65,43 @@ pub struct Request {
     /// The request body mentions `include_usage` (the client asked for a stream's usage event).
     asked_usage: bool,
     probe: UsageProbe,
+    /// Waiting for the rate-limit service about one candidate.
+    pending: Option<Box<Pending>>,
+}
+
+/// A selection paused on a call to the rate-limit service.
+#[derive(Debug)]
+struct Pending {
+    token: u32,
+    walk: Walk,
+    index: usize,
+    model: Option<String>,
+    dispatch_ms: u64,
+    hits: u32,
+}
+
+/// The global gate over shared data. A request's first pick may ask the service; a retry's pick
+/// (`may_ask` false, in the upstream filter, which can't wait for a call) takes only keys it can
+/// admit without one: a leased slot, no global limit, or the service down and `allow`/`local`.
+pub(crate) struct Gatekeeper<'a> {
+    pub rt: &'a Runtime,
+    pub host: &'a dyn Host,
+    pub model: Option<&'a str>,
+    pub now_ms: u64,
+    pub may_ask: bool,
+}
+
+impl GlobalGate for Gatekeeper<'_> {
+    fn gate(&mut self, index: usize) -> Gate {
+        let (Some(g), Some(key)) = (&self.rt.cfg.global, self.rt.keys.get(index)) else { return Gate::Pass };
+        match Check::new(&self.rt.cfg, &key.global, index, self.model) {
+            Some(check) => match global::gate(self.host, g, &check, self.now_ms) {
+                Gate::Ask if !self.may_ask => Gate::Refuse(1),
+                gate => gate,
+            },
+            None => Gate::Pass,
+        }
+    }
 }
 
 const INCLUDE_USAGE: &[u8] = b"include_usage";
@@ -459,12 +498,104 @@ impl Request {
 
     fn route_to(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>) -> HostResult<Action> {
         let now = host.now_ms();
+        let mut walk = Walk::default();
         let selection = {
             let index = rt.index.borrow();
             let model_aware = rt.cfg.server.replace_v1_models;
             let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
-            balancer::select(host, &rt.cfg, &rt.keys, model.as_deref(), &serves, &[], now)
+            let mut gate = Gatekeeper { rt, host, model: model.as_deref(), now_ms: now, may_ask: true };
+            balancer::select_with(host, &rt.cfg, &rt.keys, model.as_deref(), &serves, &[], now, &mut walk, &mut gate)
         };
+        self.drive(rt, host, model, selection, walk)
+    }
+
+    /// Goes on with a selection: asks the rate-limit service when it must (and pauses), else
+    /// routes or answers.
+    fn drive(
+        &mut self,
+        rt: &Runtime,
+        host: &dyn Host,
+        model: Option<String>,
+        mut selection: Selection,
+        mut walk: Walk,
+    ) -> HostResult<Action> {
+        loop {
+            let Selection::Ask { index } = selection else { return self.finish_selection(rt, host, model, selection) };
+            let (Some(g), Some(key)) = (&rt.cfg.global, rt.keys.get(index)) else { return Err(HostError(0)) };
+            let Some(check) = Check::new(&rt.cfg, &key.global, index, model.as_deref()) else { return Err(HostError(0)) };
+            let now = host.now_ms();
+            let hits = global::hits(host, g, &check, now);
+            let message = global::request(g, &check, hits);
+            match host.dispatch_grpc_call(crate::config::RLS_CLUSTER, rls::SERVICE, rls::METHOD, &message, g.timeout) {
+                Ok(token) => {
+                    self.pending = Some(Box::new(Pending { token, walk, index, model, dispatch_ms: now, hits }));
+                    return Ok(Action::Pause);
+                }
+                Err(e) => {
+                    rt.log(host, LogLevel::Warn, || format!("auto-ai-router: rate-limit service call refused by Envoy (status {})", e.0));
+                    rt.increment(host, HotKey::GlobalChecks("error"));
+                    let gate = global::on_failure(host, g, now);
+                    selection = resume_walk(rt, host, model.as_deref(), &mut walk, gate, &check, now);
+                }
+            }
+        }
+    }
+}
+
+fn resume_walk(rt: &Runtime, host: &dyn Host, model: Option<&str>, walk: &mut Walk, gate: Gate, check: &Check<'_>, now: u64) -> Selection {
+    let index = rt.index.borrow();
+    let model_aware = rt.cfg.server.replace_v1_models;
+    let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
+    let mut keeper = Gatekeeper { rt, host, model, now_ms: now, may_ask: true };
+    let (selection, unused) = balancer::resume(host, &rt.cfg, &rt.keys, model, &serves, now, walk, gate, &mut keeper);
+    if unused {
+        global::give_back(host, check, now);
+    }
+    selection
+}
+
+impl Request {
+    /// The rate-limit service answered (`status` 0 and a message) or failed (a gRPC status).
+    pub fn on_grpc_reply(&mut self, rt: Option<&Runtime>, host: &dyn Host, token: u32, status: u32, size: usize) {
+        let Some(rt) = rt else { return };
+        if self.pending.as_ref().is_none_or(|p| p.token != token) {
+            return;
+        }
+        let Some(p) = self.pending.take() else { return };
+        let Pending { mut walk, index, model, dispatch_ms, hits, .. } = *p;
+        let step = (|| {
+            let (Some(g), Some(key)) = (&rt.cfg.global, rt.keys.get(index)) else { return Err(HostError(0)) };
+            let Some(check) = Check::new(&rt.cfg, &key.global, index, model.as_deref()) else { return Err(HostError(0)) };
+            let now = host.now_ms();
+            let verdict = if status == 0 { host.grpc_response(size).ok().map(|b| rls::decode_reply(&b)) } else { None };
+            let gate = match verdict {
+                Some(Ok(v)) => {
+                    rt.increment(host, HotKey::GlobalChecks(if v.over { "over_limit" } else { "ok" }));
+                    global::on_verdict(host, &check, dispatch_ms, hits, &v)
+                }
+                failed => {
+                    rt.increment(host, HotKey::GlobalChecks("error"));
+                    rt.log(host, LogLevel::Warn, || match failed {
+                        Some(Err(e)) => {
+                            format!("auto-ai-router: the rate-limit service's reply is unusable ({e:?}); skipping it for a while")
+                        }
+                        _ => format!("auto-ai-router: the rate-limit service failed (gRPC status {status}); skipping it for a while"),
+                    });
+                    global::on_failure(host, g, now)
+                }
+            };
+            let selection = resume_walk(rt, host, model.as_deref(), &mut walk, gate, &check, now);
+            self.drive(rt, host, model, selection, walk)
+        })();
+        // A paused request goes on only when it was routed; a local reply ended it.
+        if self.settle(Some(rt), host, step) == Action::Continue && self.pending.is_none() {
+            if let Err(e) = host.resume_request() {
+                rt.log(host, LogLevel::Error, || format!("auto-ai-router: resuming the request failed with status {}", e.0));
+            }
+        }
+    }
+
+    fn finish_selection(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>, selection: Selection) -> HostResult<Action> {
         match selection {
             Selection::Chosen { index, rpm_current } => {
                 let (Some(cred), Some(bearer)) = (rt.cfg.credentials.get(index), rt.bearer.get(index)) else { return Err(HostError(0)) };
@@ -521,6 +652,20 @@ impl Request {
                 let msg = "The router's shared state is busy; retry the request.";
                 Ok(self.reply(Some(rt), host, 503, msg, Some("router_busy"), "contention", &[("retry-after", "1")]))
             }
+            Selection::GlobalUnavailable => {
+                let msg = "The rate-limit service that enforces the credentials' global limits is unavailable.";
+                Ok(self.reply(
+                    Some(rt),
+                    host,
+                    503,
+                    msg,
+                    Some("rate_limit_service_unavailable"),
+                    "global_unavailable",
+                    &[("retry-after", "1")],
+                ))
+            }
+            // `drive` handles it; never reached.
+            Selection::Ask { .. } => Err(HostError(0)),
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum HotKey {
     /// A retry away from a credential: the failed status (0 = no response).
     Retries(usize, u16),
     Rejections(&'static str),
+    /// A call to the rate-limit service, by result.
+    GlobalChecks(&'static str),
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
     Overhead,
@@ -119,6 +121,7 @@ impl Runtime {
                 self.metric(host, MetricKind::Counter, metrics::REQUESTS_TOTAL, &labels)
             }
             HotKey::Overhead => self.metric(host, MetricKind::Histogram, metrics::OVERHEAD, &[]),
+            HotKey::GlobalChecks(result) => self.metric(host, MetricKind::Counter, metrics::GLOBAL_CHECKS_TOTAL, &[("result", result)]),
             HotKey::Duration(i, endpoint) => {
                 let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint)];
                 self.metric(host, MetricKind::Histogram, metrics::REQUEST_DURATION, &labels)

@@ -16,6 +16,15 @@ pub struct Reply {
     pub body: String,
 }
 
+/// A gRPC call a stream made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcCall {
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    pub message: Vec<u8>,
+}
+
 /// One stream's host, over a store that several hosts (workers) may share.
 #[derive(Default)]
 pub struct MemHost {
@@ -40,6 +49,10 @@ pub struct MemHost {
     /// Body bytes copied out, and the largest single copy.
     pub body_bytes_read: Cell<usize>,
     pub largest_body_read: Cell<usize>,
+    pub grpc_calls: RefCell<Vec<GrpcCall>>,
+    /// The reply message `grpc_response` returns.
+    pub grpc_reply: RefCell<Vec<u8>>,
+    pub resumed: Cell<u32>,
 }
 
 impl MemHost {
@@ -207,5 +220,24 @@ impl Host for MemHost {
     fn http_call_response_body(&self, _start: usize, _len: usize) -> HostResult<Vec<u8>> {
         self.call("http_call_response_body")?;
         Ok(vec![])
+    }
+
+    fn dispatch_grpc_call(&self, cluster: &str, service: &str, method: &str, message: &[u8], _timeout: Duration) -> HostResult<u32> {
+        self.call("dispatch_grpc_call")?;
+        let mut calls = self.grpc_calls.borrow_mut();
+        calls.push(GrpcCall { cluster: cluster.into(), service: service.into(), method: method.into(), message: message.to_vec() });
+        Ok(calls.len() as u32)
+    }
+
+    fn grpc_response(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.call("grpc_response")?;
+        let b = self.grpc_reply.borrow();
+        Ok(b.get(..size.min(b.len())).unwrap_or_default().to_vec())
+    }
+
+    fn resume_request(&self) -> HostResult<()> {
+        self.call("resume_request")?;
+        self.resumed.set(self.resumed.get() + 1);
+        Ok(())
     }
 }

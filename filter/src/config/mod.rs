@@ -6,10 +6,12 @@
 //! `master_key` values are not shown (not even when they are not strings), and a `base_url` is
 //! shown with its user-info and query masked.
 
+mod global;
 mod hosts;
 mod url;
 mod values;
 
+pub use global::{GlobalLimits, OnUnavailable, RawGlobalLimits, RLS_CLUSTER};
 pub use hosts::{host_matches, split_authority, HostMatch};
 pub use url::redact_url;
 pub use values::{parse_duration, MAX_DURATION};
@@ -51,6 +53,9 @@ pub struct RawConfig {
     pub monitoring: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<RawModel>,
+    /// Limits across Envoy replicas through a rate-limit service (absent = each Envoy on its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_limits: Option<RawGlobalLimits>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -279,6 +284,7 @@ pub struct Config {
     pub models: HashMap<String, Rpm>,
     /// Token limits of the models.yaml entries that have `tpm`.
     pub model_tpms: HashMap<String, Tpm>,
+    pub global: Option<GlobalLimits>,
 }
 
 impl Config {
@@ -362,7 +368,8 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let credentials = validate_credentials(&raw.credentials, env)?;
     let fail2ban = validate_fail2ban(raw.fail2ban.as_ref())?;
     let (models, model_tpms) = validate_models(&raw.models, server.default_models_rpm)?;
-    Ok(Config { server, credentials, fail2ban, models, model_tpms })
+    let global = raw.global_limits.as_ref().map(global::validate).transpose()?;
+    Ok(Config { server, credentials, fail2ban, models, model_tpms, global })
 }
 
 fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Result<Server, ConfigError> {

@@ -21,6 +21,8 @@ const REQUEST_BODY: u32 = 0;
 const RESPONSE_BODY: u32 = 1;
 const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const PLUGIN_CONFIGURATION: u32 = 7;
+const GRPC_RECEIVE_BUFFER: u32 = 5;
+const STREAM_HTTP_REQUEST: u32 = 0;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -58,6 +60,7 @@ extern "C" {
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, ret_id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
+    fn proxy_continue_stream(stream: u32) -> u32;
 }
 
 fn check(status: u32) -> HostResult<()> {
@@ -299,5 +302,20 @@ impl Host for WasmHost {
 
     fn http_call_response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
         get_buffer(HTTP_CALL_RESPONSE_BODY, start, len)
+    }
+
+    /// Through the SDK, like `dispatch_http_call`: it routes the reply to the calling context.
+    /// (Envoy returns `ParseFailure` for an unknown cluster, `InternalFailure` otherwise.)
+    fn dispatch_grpc_call(&self, cluster: &str, service: &str, method: &str, message: &[u8], timeout: Duration) -> HostResult<u32> {
+        proxy_wasm::hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout).map_err(|s| HostError(s as u32))
+    }
+
+    fn grpc_response(&self, size: usize) -> HostResult<Vec<u8>> {
+        get_buffer(GRPC_RECEIVE_BUFFER, 0, size)
+    }
+
+    fn resume_request(&self) -> HostResult<()> {
+        // SAFETY: plain value call.
+        check(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
     }
 }

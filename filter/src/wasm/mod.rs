@@ -130,7 +130,11 @@ struct Http {
     request: Request,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        self.request.on_grpc_reply(self.rt.as_deref(), &WasmHost, token_id, status_code, response_size);
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -1,0 +1,182 @@
+//! The messages of Envoy's rate-limit service protocol (RLS v3, `ShouldRateLimit`) that global
+//! limits use, declared by hand with prost's derive (field numbers from
+//! `envoy/service/ratelimit/v3/rls.proto` and `envoy/extensions/common/ratelimit/v3/ratelimit.proto`;
+//! unknown fields of a reply are skipped). The e2e suite talks to a service built on the
+//! generated protos, which pins these numbers.
+
+use prost::Message;
+
+pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+pub const METHOD: &str = "ShouldRateLimit";
+/// `envoy.type.v3.RateLimitUnit.MINUTE`.
+const UNIT_MINUTE: i32 = 2;
+const CODE_OK: i32 = 1;
+const CODE_OVER_LIMIT: i32 = 2;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitRequest {
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<RateLimitDescriptor>,
+    #[prost(uint32, tag = "3")]
+    pub hits_addend: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<Entry>,
+    #[prost(message, optional, tag = "2")]
+    pub limit: Option<RateLimitOverride>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Entry {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitOverride {
+    #[prost(uint32, tag = "1")]
+    pub requests_per_unit: u32,
+    #[prost(int32, tag = "2")]
+    pub unit: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RateLimitResponse {
+    #[prost(int32, tag = "1")]
+    pub overall_code: i32,
+    #[prost(message, repeated, tag = "2")]
+    pub statuses: Vec<DescriptorStatus>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DescriptorStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(uint32, tag = "3")]
+    pub limit_remaining: u32,
+    #[prost(message, optional, tag = "4")]
+    pub duration_until_reset: Option<ProtoDuration>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
+}
+
+/// One limit to check: a credential's (`model` None) or a (credential, model) pair's, per minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit<'a> {
+    pub credential: &'a str,
+    pub model: Option<&'a str>,
+    pub rpm: u32,
+}
+
+/// `ShouldRateLimit` for `limits`, taking `hits` slots on each.
+pub fn encode_request(domain: &str, limits: &[Limit<'_>], hits: u32) -> Vec<u8> {
+    let descriptors = limits
+        .iter()
+        .map(|l| {
+            let mut entries = vec![Entry { key: "credential".into(), value: l.credential.into() }];
+            if let Some(m) = l.model {
+                entries.push(Entry { key: "model".into(), value: m.into() });
+            }
+            RateLimitDescriptor { entries, limit: Some(RateLimitOverride { requests_per_unit: l.rpm, unit: UNIT_MINUTE }) }
+        })
+        .collect();
+    RateLimitRequest { domain: domain.into(), descriptors, hits_addend: hits }.encode_to_vec()
+}
+
+/// One descriptor's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub over: bool,
+    pub remaining: u32,
+    /// Until the service's window ends (None when the service does not say).
+    pub reset_ms: Option<u64>,
+}
+
+/// The service's answer, in the order of the request's descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub over: bool,
+    pub statuses: Vec<Status>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyError {
+    Undecodable,
+    /// `overall_code` UNKNOWN (or a code we don't know): the service could not decide.
+    Unknown(i32),
+}
+
+pub fn decode_reply(bytes: &[u8]) -> Result<Verdict, ReplyError> {
+    let r = RateLimitResponse::decode(bytes).map_err(|_| ReplyError::Undecodable)?;
+    let over = match r.overall_code {
+        CODE_OK => false,
+        CODE_OVER_LIMIT => true,
+        other => return Err(ReplyError::Unknown(other)),
+    };
+    let statuses = r
+        .statuses
+        .iter()
+        .map(|s| Status {
+            over: s.code == CODE_OVER_LIMIT,
+            remaining: s.limit_remaining,
+            reset_ms: s
+                .duration_until_reset
+                .as_ref()
+                .map(|d| (d.seconds.clamp(0, 86_400 * 366) as u64) * 1000 + (d.nanos.clamp(0, 999_999_999) as u64) / 1_000_000),
+        })
+        .collect();
+    Ok(Verdict { over, statuses })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_round_trips_with_overrides_per_descriptor() {
+        let limits = [Limit { credential: "a", model: None, rpm: 60 }, Limit { credential: "a", model: Some("gpt-4o"), rpm: 10 }];
+        let bytes = encode_request("auto-ai-router", &limits, 5);
+        let r = RateLimitRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(r.domain, "auto-ai-router");
+        assert_eq!(r.hits_addend, 5);
+        assert_eq!(r.descriptors.len(), 2);
+        assert_eq!(r.descriptors[1].entries[1], Entry { key: "model".into(), value: "gpt-4o".into() });
+        assert_eq!(r.descriptors[0].limit, Some(RateLimitOverride { requests_per_unit: 60, unit: UNIT_MINUTE }));
+    }
+
+    #[test]
+    fn replies_decode_and_bad_ones_are_errors() {
+        let reply = RateLimitResponse {
+            overall_code: CODE_OVER_LIMIT,
+            statuses: vec![
+                DescriptorStatus {
+                    code: CODE_OK,
+                    limit_remaining: 3,
+                    duration_until_reset: Some(ProtoDuration { seconds: 12, nanos: 500_000_000 }),
+                },
+                DescriptorStatus { code: CODE_OVER_LIMIT, limit_remaining: 0, duration_until_reset: None },
+            ],
+        };
+        let v = decode_reply(&reply.encode_to_vec()).unwrap();
+        assert!(v.over);
+        assert_eq!(v.statuses[0], Status { over: false, remaining: 3, reset_ms: Some(12_500) });
+        assert_eq!(v.statuses[1], Status { over: true, remaining: 0, reset_ms: None });
+        assert_eq!(decode_reply(&RateLimitResponse { overall_code: 0, statuses: vec![] }.encode_to_vec()), Err(ReplyError::Unknown(0)));
+        assert_eq!(decode_reply(&[0xff, 0xff, 0xff]), Err(ReplyError::Undecodable));
+        // An empty message is overall_code 0 (UNKNOWN): the service did not decide.
+        assert!(decode_reply(&[]).is_err());
+    }
+}
