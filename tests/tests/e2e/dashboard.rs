@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 const DASHBOARD: &str = "envoy/grafana/dashboards/auto-ai-router.json";
 
-/// Families that only appear when something rare happens which traffic can't force: a fail2ban or
-/// cooldown update lost to shared-data contention. They are checked against `filter/src/metrics.rs`.
-const ONLY_UNDER_CONTENTION: [&str; 1] = ["auto_ai_router_state_conflicts_total"];
+/// Families that only appear when something rare happens which traffic can't force (a fail2ban or
+/// cooldown update lost to shared-data contention), or with a feature this router doesn't
+/// configure (global limits: `make test-global` checks that family). They are checked against
+/// `filter/src/metrics.rs`.
+const ONLY_UNDER_CONTENTION: [&str; 2] = ["auto_ai_router_state_conflicts_total", "auto_ai_router_global_checks_total"];
 
 /// Labels Prometheus adds to every scraped series (target labels), not in Envoy's output.
 const TARGET_LABELS: [&str; 2] = ["instance", "job"];
