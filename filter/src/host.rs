@@ -33,8 +33,9 @@ pub trait Host: SharedStore {
     }
     fn log(&self, level: LogLevel, message: &str);
 
-    /// All request headers in one call (one host crossing instead of one per header).
-    fn request_headers(&self) -> HostResult<Vec<(String, Vec<u8>)>>;
+    /// All request headers in one call (one host crossing instead of one per header), read in
+    /// place (no allocation per header).
+    fn request_headers(&self) -> HostResult<HeaderMap>;
     fn request_header(&self, name: &str) -> HostResult<Option<Vec<u8>>>;
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()>;
@@ -89,6 +90,53 @@ pub fn serialize_map(map: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// A header map as the host serialized it, validated once and read in place.
+#[derive(Debug, Default)]
+pub struct HeaderMap {
+    bytes: Vec<u8>,
+    n: usize,
+}
+
+impl HeaderMap {
+    /// Checks the layout (count, sizes, NUL-terminated fields that fit); malformed is an error.
+    pub fn parse(bytes: Vec<u8>) -> HostResult<HeaderMap> {
+        if bytes.is_empty() {
+            return Ok(HeaderMap::default());
+        }
+        let n = u32_at(&bytes, 0)?;
+        let mut p = n.checked_mul(8).and_then(|x| x.checked_add(4)).ok_or(BAD_MAP)?;
+        for i in 0..n {
+            for size in [u32_at(&bytes, 4 + i * 8)?, u32_at(&bytes, 8 + i * 8)?] {
+                p = p.checked_add(size).filter(|end| *end < bytes.len()).ok_or(BAD_MAP)? + 1;
+            }
+        }
+        Ok(HeaderMap { bytes, n })
+    }
+
+    /// (name, value) pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let b = &self.bytes;
+        let mut p = 4 + self.n * 8;
+        (0..self.n).map(move |i| {
+            // parse() checked every size and offset.
+            let ks = u32_at(b, 4 + i * 8).unwrap_or(0);
+            let vs = u32_at(b, 8 + i * 8).unwrap_or(0);
+            let key = b.get(p..p + ks).unwrap_or_default();
+            p += ks + 1;
+            let value = b.get(p..p + vs).unwrap_or_default();
+            p += vs + 1;
+            (key, value)
+        })
+    }
+}
+
+const BAD_MAP: HostError = HostError(3);
+
+fn u32_at(bytes: &[u8], at: usize) -> HostResult<usize> {
+    let b: [u8; 4] = bytes.get(at..at.saturating_add(4)).and_then(|b| b.try_into().ok()).ok_or(BAD_MAP)?;
+    Ok(u32::from_le_bytes(b) as usize)
+}
+
 /// The inverse of `serialize_map`; a malformed map from the host is an error, not a trap.
 pub fn deserialize_map(bytes: &[u8]) -> HostResult<Vec<(String, Vec<u8>)>> {
     const BAD: HostError = HostError(3);
@@ -133,5 +181,13 @@ mod tests {
         }
         assert!(deserialize_map(&[255, 255, 255, 255]).is_err());
         assert_eq!(deserialize_map(&[]).unwrap(), vec![]);
+        let map = HeaderMap::parse(bytes.clone()).unwrap();
+        let pairs: Vec<(&[u8], &[u8])> = map.iter().collect();
+        assert_eq!(pairs, vec![(&b":path"[..], &b"/v1/x"[..]), (b"a", b""), (b"x-k", "v\u{e9}".as_bytes())]);
+        for cut in 1..bytes.len() - 1 {
+            assert!(HeaderMap::parse(bytes[..cut].to_vec()).is_err(), "cut at {cut}");
+        }
+        assert!(HeaderMap::parse(vec![255, 255, 255, 255]).is_err());
+        assert_eq!(HeaderMap::parse(vec![]).unwrap().iter().count(), 0);
     }
 }

@@ -15,7 +15,7 @@ use crate::config::LogLevel;
 use crate::endpoints::{self, Route};
 use crate::errors;
 use crate::global::{self, Check, Gate};
-use crate::host::{Action, Host, HostError, HostResult};
+use crate::host::{Action, HeaderMap, Host, HostError, HostResult};
 use crate::models_index::ModelIndex;
 use crate::rls;
 use crate::runtime::{HotKey, Runtime};
@@ -143,36 +143,40 @@ impl UsageProbe {
     }
 }
 
-/// The request headers the router reads, from one host call.
+/// The request headers the router reads, from one host call, borrowed from its map.
 #[derive(Default)]
-struct Seen {
-    method: String,
-    path: String,
-    authority: String,
-    authorization: Option<Vec<u8>>,
+struct Seen<'a> {
+    method: &'a str,
+    path: &'a str,
+    authority: &'a str,
+    authorization: Option<&'a [u8]>,
     /// Headers a client must never get through: the internal routing header, its own `x-api-key`.
     forbidden: Vec<&'static str>,
     #[cfg(feature = "fault-injection")]
     fault: bool,
 }
 
-fn seen(host: &dyn Host) -> HostResult<Seen> {
+fn seen(map: &HeaderMap) -> Seen<'_> {
     let mut s = Seen::default();
-    for (name, value) in host.request_headers()? {
-        match name.as_str() {
-            ":method" => s.method = String::from_utf8_lossy(&value).into_owned(),
-            ":path" => s.path = String::from_utf8_lossy(&value).into_owned(),
-            ":authority" => s.authority = String::from_utf8_lossy(&value).into_owned(),
-            "authorization" => s.authorization = Some(value),
-            CLUSTER_HEADER => s.forbidden.push(CLUSTER_HEADER),
-            "x-api-key" => s.forbidden.push("x-api-key"),
+    // A pseudo-header that is not UTF-8 reads as empty: no route is ours then.
+    fn text(v: &[u8]) -> &str {
+        std::str::from_utf8(v).unwrap_or("")
+    }
+    for (name, value) in map.iter() {
+        match name {
+            b":method" => s.method = text(value),
+            b":path" => s.path = text(value),
+            b":authority" => s.authority = text(value),
+            b"authorization" => s.authorization = Some(value),
+            n if n == CLUSTER_HEADER.as_bytes() => s.forbidden.push(CLUSTER_HEADER),
+            b"x-api-key" => s.forbidden.push("x-api-key"),
             #[cfg(feature = "fault-injection")]
-            "x-auto-ai-router-fault" => s.fault = value == b"trap",
+            b"x-auto-ai-router-fault" => s.fault = value == b"trap",
             _ => {}
         }
     }
     s.forbidden.dedup();
-    Ok(s)
+    s
 }
 
 /// Whether a request's host is one the router serves (`server.hosts`; empty = every host).
@@ -387,23 +391,24 @@ impl Request {
     }
 
     fn headers(&mut self, rt: Option<&Runtime>, host: &dyn Host, end_of_stream: bool) -> HostResult<Action> {
-        let seen = seen(host)?;
+        let map = host.request_headers()?;
+        let seen = seen(&map);
         #[cfg(feature = "fault-injection")]
         #[allow(clippy::panic)]
         if seen.fault {
             panic!("fault injection: trap requested");
         }
-        if rt.is_some_and(|rt| !in_scope(rt, &seen.authority)) {
+        if rt.is_some_and(|rt| !in_scope(rt, seen.authority)) {
             self.phase = Phase::PassThrough;
             return Ok(Action::Continue);
         }
-        let route = endpoints::classify(&seen.method, &seen.path);
+        let route = endpoints::classify(seen.method, seen.path);
         if route == Route::NotRouter {
             self.phase = Phase::PassThrough;
             return Ok(Action::Continue);
         }
-        self.endpoint = endpoints::label(&seen.path);
-        self.path = seen.path;
+        self.endpoint = endpoints::label(seen.path);
+        self.path = seen.path.to_string();
         // On the router's own routes a client must never pick the cluster, nor send a key upstream.
         for name in &seen.forbidden {
             host.set_request_header(name, None)?;
@@ -430,7 +435,7 @@ impl Request {
             Route::BadPath => return Ok(self.reply(Some(rt), host, 404, "Not found.", Some("not_found"), "bad_request", &[])),
             _ => {}
         }
-        if let Err(e) = auth::check(seen.authorization.as_deref(), &rt.cfg.server.master_key) {
+        if let Err(e) = auth::check(seen.authorization, &rt.cfg.server.master_key) {
             return Ok(self.reply(Some(rt), host, 401, e.message(), Some(e.code()), "auth", &[]));
         }
         match route {
@@ -597,7 +602,8 @@ impl Request {
 
     fn finish_selection(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>, selection: Selection) -> HostResult<Action> {
         match selection {
-            Selection::Chosen { index, rpm_current } => {
+            // The RPM gauge is refreshed on the 1 s tick from shared data (not per request).
+            Selection::Chosen { index, .. } => {
                 let (Some(cred), Some(bearer)) = (rt.cfg.credentials.get(index), rt.bearer.get(index)) else { return Err(HostError(0)) };
                 if rt.retries_on() {
                     // The upstream filter sets each attempt's key, authority and path; here the
@@ -621,9 +627,6 @@ impl Request {
                     host.set_property(crate::retry_contract::NEXT_PROPERTY, cred.name.as_bytes())?;
                 }
                 host.clear_route_cache()?;
-                if rpm_current > 0 {
-                    rt.record(host, HotKey::RpmCurrent(index), rpm_current as u64);
-                }
                 rt.log(host, LogLevel::Debug, || {
                     format!("auto-ai-router: {} model={} -> {}", self.endpoint, model.as_deref().unwrap_or("-"), cred.name)
                 });

@@ -2,7 +2,7 @@
 //! shared data as plain maps, every call recorded, any call made to fail on demand.
 
 use crate::config::LogLevel;
-use crate::host::{Host, HostError, HostResult, MetricKind};
+use crate::host::{serialize_map, HeaderMap, Host, HostError, HostResult, MetricKind};
 use crate::store::{MemStore, SharedStore, StoreError};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -112,9 +112,11 @@ impl Host for MemHost {
         self.logs.borrow_mut().push((level, message.to_string()));
     }
 
-    fn request_headers(&self) -> HostResult<Vec<(String, Vec<u8>)>> {
+    fn request_headers(&self) -> HostResult<HeaderMap> {
         self.call("request_headers")?;
-        Ok(self.request_headers.borrow().clone())
+        let h = self.request_headers.borrow();
+        let map: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap_or("\u{fffd}"))).collect();
+        HeaderMap::parse(serialize_map(&map))
     }
 
     fn request_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {

@@ -350,6 +350,14 @@ impl Vm {
         }
         self.store.get_fuel().ok().map(|left| u64::MAX / 2 - left)
     }
+    /// Calls from the module into the host (proxy-wasm and WASI imports) so far on this VM.
+    pub fn host_calls(&self) -> u64 {
+        self.store.data().stats.host_calls
+    }
+    /// proxy-wasm callbacks made into the module so far on this VM (in Envoy each is a V8 entry).
+    pub fn callbacks(&self) -> u64 {
+        self.store.data().stats.callbacks
+    }
     /// `proxy_set_shared_data` calls that succeeded on this VM.
     pub fn shared_sets(&self) -> u64 {
         self.store.data().stats.shared_sets

@@ -36,6 +36,12 @@ impl Vm {
         if host.loaded.fuel {
             store.set_fuel(u64::MAX / 2).map_err(|e| VmError::Load(format!("{e:?}")))?;
         }
+        store.call_hook(|mut ctx, hook| {
+            if matches!(hook, wasmtime::CallHook::CallingHost) {
+                ctx.data_mut().stats.host_calls += 1;
+            }
+            Ok(())
+        });
         let inst = host.loaded.pre.instantiate(&mut store).map_err(|e| VmError::Load(format!("instantiate: {e:?}")))?;
         let malloc = inst
             .get_typed_func::<i32, i32>(&mut store, "malloc")
@@ -170,6 +176,7 @@ impl Vm {
         }
         let Some(f) = f else { return Ok(None) };
         let st = self.store.data_mut();
+        st.stats.callbacks += 1;
         let (prev_cur, prev_eff, prev_phase) = (st.current, st.effective, st.phase);
         st.current = ctx;
         st.effective = None;

@@ -62,6 +62,10 @@ pub(crate) struct RootInfo {
 #[derive(Default, Clone, Debug)]
 pub(crate) struct Stats {
     pub shared_sets: u64,
+    /// Calls from wasm into the host (proxy-wasm and WASI imports).
+    pub host_calls: u64,
+    /// proxy-wasm callbacks the host made into the module (each one a V8 entry in Envoy).
+    pub callbacks: u64,
 }
 
 pub(crate) struct PendingCall {

@@ -5,7 +5,7 @@
 //! with: a returned buffer is owned by us and freed as a `Vec`).
 
 use crate::config::LogLevel;
-use crate::host::{deserialize_map, serialize_map, Host, HostError, HostResult, MetricKind};
+use crate::host::{serialize_map, HeaderMap, Host, HostError, HostResult, MetricKind};
 use crate::store::{SharedStore, StoreError};
 use std::ptr::{null, null_mut};
 use std::time::Duration;
@@ -181,14 +181,14 @@ impl Host for WasmHost {
         log(level, message)
     }
 
-    fn request_headers(&self) -> HostResult<Vec<(String, Vec<u8>)>> {
+    fn request_headers(&self) -> HostResult<HeaderMap> {
         let (mut data, mut size) = (null_mut(), 0usize);
         // SAFETY: as in get_buffer.
         let bytes = unsafe {
             check(proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size))?;
             owned(data, size)
         };
-        deserialize_map(&bytes)
+        HeaderMap::parse(bytes)
     }
 
     fn request_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {

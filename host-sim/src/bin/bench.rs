@@ -2,7 +2,7 @@
 //! reused): wall-clock µs per request and wasm instructions (fuel) per request.
 //! Usage: hostsim-bench [OUTPUT.md]
 
-use host_sim::{Host, Vm};
+use host_sim::{Host, Vm, VmConfig};
 use std::time::Instant;
 
 const CONFIG: &str = "server: {master_key: sk-bench-master, replace_v1_models: false, default_models_rpm: -1}
@@ -32,33 +32,54 @@ fn sse_chunks() -> Vec<Vec<u8>> {
     c
 }
 
+/// The same credentials with `max_provider_retries: 0` (no upstream filter), and with retries on
+/// (the default), where each request also runs one attempt through the upstream filter.
+fn config(retries: bool) -> String {
+    if retries {
+        CONFIG.to_string()
+    } else {
+        CONFIG.replacen("default_models_rpm: -1", "default_models_rpm: -1, max_provider_retries: 0", 1)
+    }
+}
+
+fn vm_for(host: &Host, retries: bool) -> Vm {
+    let c = config(retries);
+    host.vm_with(VmConfig::new(c.clone()).plugin("auto_ai_router_upstream", c)).expect("vm")
+}
+
 fn one(vm: &mut Vm, answer: Answer) {
     let ex = vm.post("/v1/chat/completions", "sk-bench-master", BODY);
     assert!(ex.forwarded().is_some(), "bench request not forwarded: {:?}", ex.outcome);
+    // With retries on the upstream filter runs the attempt (Envoy's router would), and answers it.
+    let retries = vm.filter_state(&ex).contains_key("wasm.auto_ai_router_plan");
+    let target = if retries { vm.upstream_request(&ex, "auto_ai_router_upstream", ex.cluster().unwrap_or_default()) } else { ex };
+    let ex = &target;
     let r = match answer {
-        Answer::Tiny => vm.respond(&ex, 200, &[("content-type", "application/json")], br#"{"id":"x","choices":[]}"#),
-        Answer::JsonUsage => vm.respond(&ex, 200, &[("content-type", "application/json")], JSON_USAGE),
+        Answer::Tiny => vm.respond(ex, 200, &[("content-type", "application/json")], br#"{"id":"x","choices":[]}"#),
+        Answer::JsonUsage => vm.respond(ex, 200, &[("content-type", "application/json")], JSON_USAGE),
         Answer::Sse => {
             let chunks = sse_chunks();
             let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-            vm.respond_chunks(&ex, 200, &[("content-type", "text/event-stream")], &refs)
+            vm.respond_chunks(ex, 200, &[("content-type", "text/event-stream")], &refs)
         }
     };
     assert_eq!(r.status, 200);
 }
 
-/// Wasm instructions per request for `answer`, on a fresh VM of a fuel-metered host.
-fn fuel_per_request(fuel_host: &Host, answer: Answer) -> u64 {
-    let mut fvm = fuel_host.vm(CONFIG, &[]).expect("vm");
+/// Per request for `answer`, on a fresh VM of a fuel-metered host: wasm instructions, host calls
+/// (module → host) and callbacks (host → module: V8 entries in Envoy).
+fn fuel_per_request(fuel_host: &Host, answer: Answer, retries: bool) -> (u64, f64, f64) {
+    let mut fvm = vm_for(fuel_host, retries);
     for _ in 0..100 {
         one(&mut fvm, answer);
     }
-    let before = fvm.fuel_used().unwrap();
+    let (before, calls, callbacks) = (fvm.fuel_used().unwrap(), fvm.host_calls(), fvm.callbacks());
     let m = 2_000u64;
     for _ in 0..m {
         one(&mut fvm, answer);
     }
-    (fvm.fuel_used().unwrap() - before) / m
+    let per = |x: u64| x as f64 / m as f64;
+    ((fvm.fuel_used().unwrap() - before) / m, per(fvm.host_calls() - calls), per(fvm.callbacks() - callbacks))
 }
 
 fn main() {
@@ -70,7 +91,7 @@ fn main() {
     let host = Host::load(&path, false).unwrap_or_else(|e| panic!("{e}"));
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let mut vm = host.vm(CONFIG, &[]).expect("vm");
+    let mut vm = vm_for(&host, false);
     let vm_start_us = t.elapsed().as_secs_f64() * 1e6;
     for _ in 0..500 {
         one(&mut vm, Answer::Tiny);
@@ -87,9 +108,10 @@ fn main() {
 
     let fuel_host = Host::load(&path, true).unwrap_or_else(|e| panic!("{e}"));
     let m = 2_000u64;
-    let instr = fuel_per_request(&fuel_host, Answer::Tiny);
-    let json_usage = fuel_per_request(&fuel_host, Answer::JsonUsage);
-    let sse = fuel_per_request(&fuel_host, Answer::Sse);
+    let (instr, calls, callbacks) = fuel_per_request(&fuel_host, Answer::Tiny, false);
+    let (instr_r, calls_r, callbacks_r) = fuel_per_request(&fuel_host, Answer::Tiny, true);
+    let (json_usage, _, _) = fuel_per_request(&fuel_host, Answer::JsonUsage, false);
+    let (sse, _, _) = fuel_per_request(&fuel_host, Answer::Sse, false);
 
     let report = format!(
         "# host-sim bench: router request path\n\n\
@@ -97,8 +119,11 @@ fn main() {
          shared-data CAS, header rewrite) plus the upstream 200 response (fail2ban, metrics, on_log), on one VM, \
          module compiled once (wasmtime 48, cranelift).\n\n\
          | figure | value |\n|---|---|\n\
-         | mean time per request | {us:.1} µs ({n} requests) |\n\
-         | wasm instructions per request (fuel) | {instr} ({m} requests) |\n\
+         | mean time per request (`max_provider_retries: 0`) | {us:.1} µs ({n} requests) |\n\
+         | wasm instructions per request (fuel), `max_provider_retries: 0` | {instr} ({m} requests) |\n\
+         | host calls / callbacks per request, `max_provider_retries: 0` | {calls:.1} / {callbacks:.1} |\n\
+         | wasm instructions per request, retries on (+ the upstream filter's attempt) | {instr_r} |\n\
+         | host calls / callbacks per request, retries on | {calls_r:.1} / {callbacks_r:.1} |\n\
          | filter.wasm size | {wasm_size} bytes |\n\
          | module compile (once per process) | {compile_ms:.0} ms |\n\
          | VM start (instantiate + on_vm_start + on_configure) | {vm_start_us:.0} µs |\n\n\
