@@ -145,8 +145,8 @@ mod tests {
     #[test]
     fn key_is_prefix_domain_entries_and_aligned_window() {
         let d = desc(&[("credential", "c1"), ("model", "gpt-4o")], Some((5, Unit::Minute)), None);
-        assert_eq!(cache_key("p:", "dom", &d, 60, 1_700_000_059), "p:dom_credential_c1_model_gpt-4o_1699999980");
-        assert_eq!(cache_key("", "dom", &d, 60, 1_700_000_040), "dom_credential_c1_model_gpt-4o_1700000040");
+        assert_eq!(cache_key("p:", "dom", &d, 60, 1_700_000_059), "p:dom_credential_c1_model_gpt-4o_1700000040");
+        assert_eq!(cache_key("", "dom", &d, 60, 1_700_000_039), "dom_credential_c1_model_gpt-4o_1699999980");
         assert_eq!(cache_key("", "dom", &desc(&[], None, None), 1, 7), "dom_7");
     }
 

@@ -50,7 +50,8 @@ async fn main() -> Result<()> {
     anyhow::ensure!(pong == "PONG", "Redis at {} answered PING with {pong:?}", a.redis);
 
     let grpc = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding --listen {}", a.listen))?;
-    let stats = tokio::net::TcpListener::bind(a.stats_listen).await.with_context(|| format!("binding --stats-listen {}", a.stats_listen))?;
+    let stats =
+        tokio::net::TcpListener::bind(a.stats_listen).await.with_context(|| format!("binding --stats-listen {}", a.stats_listen))?;
     let (grpc_addr, stats_addr) = (grpc.local_addr()?, stats.local_addr()?);
 
     let counters = Arc::new(Counters::default());
