@@ -12,6 +12,9 @@ use std::process::Command;
 mod common;
 use common::{docs, get, repo, str_of};
 
+/// The router replicas of docker-compose (behind the `front` Envoy).
+const ROUTERS: [&str; 2] = ["router-1", "router-2"];
+
 const COMPOSE_ENV: [(&str, &str); 3] =
     [("ROUTER_MASTER_KEY", "sk-your-secret-key"), ("MOCK_A_API_KEY", "sk-mock-a-key"), ("MOCK_B_API_KEY", "sk-mock-b-key")];
 
@@ -52,13 +55,15 @@ fn compose_bootstrap_is_current_and_envoy_accepts_it() {
 #[test]
 fn compose_file_uses_the_official_image_and_mounts_module_and_bootstrap() {
     let d = &docs("envoy/docker-compose.yml")[0];
-    let router = get(d, "services.router");
-    assert!(str_of(router, "image").starts_with("envoyproxy/envoy:v1.40"));
-    let mounts: Vec<&str> = get(router, "volumes").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
-    assert!(mounts.iter().any(|m| m.ends_with(":/etc/envoy/filter.wasm:ro")), "{mounts:?}");
-    assert!(mounts.iter().any(|m| m.starts_with("./docker/envoy.yaml:")), "{mounts:?}");
-    for (name, _) in COMPOSE_ENV {
-        assert!(get(router, "environment").get(name).is_some(), "router env lacks {name}");
+    for name in ROUTERS {
+        let router = get(d, &format!("services.{name}"));
+        assert!(str_of(router, "image").starts_with("envoyproxy/envoy:v1.40"));
+        let mounts: Vec<&str> = get(router, "volumes").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+        assert!(mounts.iter().any(|m| m.ends_with(":/etc/envoy/filter.wasm:ro")), "{name}: {mounts:?}");
+        assert!(mounts.iter().any(|m| m.starts_with("./docker/envoy.yaml:")), "{name}: {mounts:?}");
+        for (var, _) in COMPOSE_ENV {
+            assert!(get(router, "environment").get(var).is_some(), "{name} env lacks {var}");
+        }
     }
     for svc in ["mock-a", "mock-b"] {
         assert_eq!(str_of(d, &format!("services.{svc}.build.dockerfile")), "envoy/docker/Dockerfile.mock");
@@ -85,6 +90,7 @@ fn accepts(plugin_json: &str) {
 
 /// The Istio WasmPlugin path is not shipped: WasmPlugin cannot set `allow_on_headers_stop_iteration`,
 /// so a router deployed that way would hang every inference request (see envoy/README.md).
+/// ratelimit.yaml holds plain Kubernetes objects (the global limit engine), the others Istio's.
 #[test]
 fn no_istio_manifest_is_a_wasmplugin() {
     let dir = repo().join("envoy/istio");
@@ -95,12 +101,30 @@ fn no_istio_manifest_is_a_wasmplugin() {
             continue;
         }
         let rel = path.strip_prefix(repo()).unwrap().to_str().unwrap().to_string();
+        if rel == "envoy/istio/ratelimit.yaml" {
+            for (kind, _) in k8s_objects(&rel) {
+                assert!(["ConfigMap", "Service", "Deployment"].contains(&kind.as_str()), "{rel}: {kind}");
+            }
+            continue;
+        }
         for (kind, _) in kinds(&rel) {
             assert_ne!(kind, "WasmPlugin", "{rel}: a WasmPlugin cannot carry allow_on_headers_stop_iteration");
             n += 1;
         }
     }
     assert!(n >= 4, "only {n} manifests in {}", dir.display());
+}
+
+/// Kubernetes core objects (`v1`, `apps/v1`) of a manifest, as (kind, document).
+fn k8s_objects(path: &str) -> Vec<(String, Value)> {
+    docs(path)
+        .into_iter()
+        .map(|d| {
+            assert!(["v1", "apps/v1"].contains(&str_of(&d, "apiVersion")), "{path}: apiVersion {}", str_of(&d, "apiVersion"));
+            assert!(!str_of(&d, "metadata.name").is_empty());
+            (str_of(&d, "kind").to_string(), d)
+        })
+        .collect()
 }
 
 #[test]
@@ -128,7 +152,7 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
         assert!(keys.contains(&var), "host_env_keys lacks {var}");
     }
     let cluster = patches.iter().find(|p| str_of(p, "applyTo") == "CLUSTER").expect("CLUSTER patch");
-    assert_eq!(str_of(cluster, "patch.value.name"), "openai_main");
+    assert_eq!(str_of(cluster, "patch.value.name"), "openai_main", "the first cluster is the credential's");
     let route = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_ROUTE").expect("HTTP_ROUTE patch");
     assert_eq!(str_of(route, "patch.value.route.cluster_header"), "x-auto-ai-router-cluster");
     // A cluster_header route and no upstream filter: retries must be off, or no attempt is counted.
@@ -243,27 +267,30 @@ fn compose_runs_prometheus_on_router_metrics_and_grafana_with_the_dashboard() {
     assert!(prom_path.ends_with("envoy/docker/prometheus.yml"), "{}", prom_path.display());
     let prom = yaml_file(&prom_path);
     let router_port = {
-        let ports: Vec<&str> = get(services, "router.ports").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
         let cfg = yaml_file(&repo().join("envoy/docker/config.yaml"));
-        let listen = get(&cfg, "server.port").as_u64().unwrap();
-        assert!(ports.iter().any(|p| p.ends_with(&format!(":{listen}"))), "router publishes {ports:?}, the router listens on {listen}");
-        listen
+        get(&cfg, "server.port").as_u64().unwrap()
     };
     let jobs = get(&prom, "scrape_configs").as_sequence().unwrap();
-    let scrapes_router = jobs.iter().any(|job| {
-        let path = job.get("metrics_path").and_then(Value::as_str).unwrap_or("/metrics");
-        let targets: Vec<&str> = job
-            .get("static_configs")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.get("targets").and_then(Value::as_sequence))
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        path == "/metrics" && targets.contains(&format!("router:{router_port}").as_str())
-    });
-    assert!(scrapes_router, "envoy/docker/prometheus.yml has no job scraping router:{router_port}/metrics: {jobs:?}");
+    let scrapes = |target: &str| {
+        jobs.iter().any(|job| {
+            let path = job.get("metrics_path").and_then(Value::as_str).unwrap_or("/metrics");
+            let targets: Vec<&str> = job
+                .get("static_configs")
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.get("targets").and_then(Value::as_sequence))
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            path == "/metrics" && targets.contains(&target)
+        })
+    };
+    // Each replica's own /metrics (through the front Envoy the series of both would mix).
+    for name in ROUTERS {
+        let target = format!("{name}:{router_port}");
+        assert!(scrapes(&target), "envoy/docker/prometheus.yml has no job scraping {target}/metrics: {jobs:?}");
+    }
     assert!(!args.iter().any(|a| a.starts_with("--web.listen-address")), "Grafana's datasource expects Prometheus on :9090");
 
     // Grafana: the provisioned datasource is that Prometheus; the dashboard provider loads the
@@ -305,4 +332,183 @@ fn compose_runs_prometheus_on_router_metrics_and_grafana_with_the_dashboard() {
         n += 1;
     }
     assert!(n >= 10, "only {n} panels");
+}
+
+/// An image pinned to a tag that is neither `latest` nor a moving branch.
+fn assert_pinned(what: &str, image: &str) {
+    let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{what}: image {image} has no tag"));
+    assert!(!tag.is_empty() && !tag.contains("latest") && tag != "master" && tag != "main", "{what}: image {image} is not pinned");
+}
+
+/// The `environment` of a compose service as (name, value) strings (map or `NAME=value` list).
+fn compose_env(service: &Value) -> Vec<(String, String)> {
+    match get(service, "environment") {
+        Value::Mapping(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+                };
+                (k.as_str().unwrap().to_string(), v)
+            })
+            .collect(),
+        Value::Sequence(l) => {
+            l.iter().filter_map(Value::as_str).filter_map(|e| e.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+        }
+        other => panic!("environment is neither a map nor a list: {other:?}"),
+    }
+}
+
+fn env_of<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
+    env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or_else(|| panic!("no {name} in {env:?}"))
+}
+
+/// Global limits in docker-compose (issue 14): a front Envoy round-robins over two identical router
+/// replicas, which share envoyproxy/ratelimit over Redis. (Docker is not available here: the files
+/// are checked, and the front bootstrap passes `envoy --mode validate`.)
+#[test]
+fn compose_runs_two_replicas_behind_a_front_envoy_with_ratelimit_and_redis() {
+    let d = &docs("envoy/docker-compose.yml")[0];
+    let services = get(d, "services");
+    for svc in ["front", "router-1", "router-2", "ratelimit", "redis"] {
+        assert!(services.get(svc).is_some(), "docker-compose has no {svc} service");
+    }
+    assert!(services.get("router").is_none(), "the single router service was replaced by router-1/router-2 behind front");
+    for svc in ["ratelimit", "redis"] {
+        assert_pinned(svc, str_of(services, &format!("{svc}.image")));
+    }
+    assert!(str_of(services, "ratelimit.image").starts_with("envoyproxy/ratelimit:"));
+    assert!(str_of(services, "redis.image").starts_with("redis:"));
+
+    // The replicas are the same service but for the name: image, module, bootstrap, environment.
+    let (r1, r2) = (get(services, "router-1"), get(services, "router-2"));
+    assert_eq!(r1, r2, "router-1 and router-2 differ");
+    assert!(r1.get("ports").is_none(), "the replicas are reached through front, not published");
+    let deps: Vec<&str> = get(r1, "depends_on").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(deps.contains(&"ratelimit"), "{deps:?}");
+
+    // ratelimit: Redis over TCP, the STOP flag, the config mounted where RUNTIME_ROOT/RUNTIME_SUBDIRECTORY
+    // point, with the router's domain.
+    let rl = get(services, "ratelimit");
+    let env = compose_env(rl);
+    assert_eq!(env_of(&env, "REDIS_SOCKET_TYPE"), "tcp");
+    let redis_url = env_of(&env, "REDIS_URL");
+    assert_eq!(redis_url.split(':').next(), Some("redis"), "REDIS_URL {redis_url} is the redis service");
+    assert_eq!(env_of(&env, "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT"), "true");
+    assert_eq!(env_of(&env, "USE_STATSD"), "false");
+    assert_eq!(env_of(&env, "RUNTIME_WATCH_ROOT"), "false");
+    let grpc_port = env_of(&env, "GRPC_PORT").to_string();
+    let config_path = format!("{}/{}/config/config.yaml", env_of(&env, "RUNTIME_ROOT"), env_of(&env, "RUNTIME_SUBDIRECTORY"));
+    let rl_config_path = mounted_file(rl, &config_path);
+    assert!(rl_config_path.ends_with("envoy/docker/ratelimit/config.yaml"), "{}", rl_config_path.display());
+    let rl_config = yaml_file(&rl_config_path);
+    assert_eq!(str_of(&rl_config, "domain"), "auto-ai-router");
+    assert!(get(&rl_config, "descriptors").as_sequence().is_some_and(|d| d.is_empty()), "limits come from the router's overrides");
+
+    // The routers' config points at that service and domain.
+    let cfg = yaml_file(&repo().join("envoy/docker/config.yaml"));
+    assert_eq!(str_of(&cfg, "global_limits.service"), format!("ratelimit:{grpc_port}"));
+    assert_eq!(str_of(&cfg, "global_limits.domain"), str_of(&rl_config, "domain"));
+    assert_eq!(get(&cfg, "global_limits.replicas").as_u64(), Some(ROUTERS.len() as u64));
+    let router_port = get(&cfg, "server.port").as_u64().unwrap();
+
+    // front: its own bootstrap, round robin over both replicas on the router's port, published.
+    let front = get(services, "front");
+    let args: Vec<&str> = get(front, "command").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    let c_at = args.iter().position(|a| *a == "-c").expect("front: envoy -c");
+    let boot_path = mounted_file(front, args[c_at + 1]);
+    assert!(boot_path.ends_with("envoy/docker/front-envoy.yaml"), "{}", boot_path.display());
+    let boot = yaml_file(&boot_path);
+    let clusters = get(&boot, "static_resources.clusters").as_sequence().unwrap();
+    assert_eq!(clusters.len(), 1);
+    let cl = &clusters[0];
+    assert_eq!((str_of(cl, "type"), str_of(cl, "lb_policy")), ("STRICT_DNS", "ROUND_ROBIN"));
+    let endpoints: Vec<(String, u64)> = get(cl, "load_assignment.endpoints.0.lb_endpoints")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                str_of(e, "endpoint.address.socket_address.address").to_string(),
+                get(e, "endpoint.address.socket_address.port_value").as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = ROUTERS.iter().map(|r| (r.to_string(), router_port)).collect();
+    assert_eq!(endpoints, want);
+    let listener = get(&boot, "static_resources.listeners.0");
+    let front_port = get(listener, "address.socket_address.port_value").as_u64().unwrap();
+    let ports: Vec<&str> = get(front, "ports").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(ports.iter().any(|p| p.ends_with(&format!(":{front_port}"))), "front publishes {ports:?}, listens on {front_port}");
+    let route = get(listener, "filter_chains.0.filters.0.typed_config.route_config.virtual_hosts.0.routes.0.route");
+    assert_eq!(str_of(route, "cluster"), str_of(cl, "name"));
+
+    let envoy = locate::find_envoy().unwrap_or_else(|e| panic!("{e}"));
+    let o = Command::new(envoy).args(["--mode", "validate", "-c", boot_path.to_str().unwrap(), "-l", "warning"]).output().unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && log.contains("OK"), "envoy --mode validate front-envoy.yaml:\n{log}");
+}
+
+/// Istio: the gateway's HTTP/2 cluster `auto_ai_router_rls` reaches the ratelimit Service of
+/// ratelimit.yaml, which runs envoyproxy/ratelimit over Redis with the router's domain, and the
+/// plugin configuration's `global_limits.service` is that address.
+#[test]
+fn istio_adds_the_rls_cluster_for_the_ratelimit_service() {
+    let all = kinds("envoy/istio/envoyfilter.yaml");
+    let patches = get(&all[0].1, "spec.configPatches").as_sequence().unwrap();
+    let rls: Vec<&Value> =
+        patches.iter().filter(|p| str_of(p, "applyTo") == "CLUSTER" && str_of(p, "patch.value.name") == "auto_ai_router_rls").collect();
+    assert_eq!(rls.len(), 1, "one CLUSTER patch named auto_ai_router_rls (the name the filter dispatches to)");
+    let p = rls[0];
+    assert_eq!((str_of(p, "match.context"), str_of(p, "patch.operation")), ("GATEWAY", "ADD"));
+    let c = get(p, "patch.value");
+    assert_eq!(str_of(c, "type"), "STRICT_DNS");
+    assert_eq!(str_of(c, "load_assignment.cluster_name"), "auto_ai_router_rls");
+    let opts = get(c, "typed_extension_protocol_options")
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+        .expect("HttpProtocolOptions");
+    assert_eq!(str_of(opts, "@type"), "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions");
+    assert!(get(opts, "explicit_http_config.http2_protocol_options").is_mapping(), "gRPC needs HTTP/2 (else status 14 protocol error)");
+    let sock = get(c, "load_assignment.endpoints.0.lb_endpoints.0.endpoint.address.socket_address");
+    let target = format!("{}:{}", str_of(sock, "address"), get(sock, "port_value").as_u64().unwrap());
+
+    // The Service and Deployment behind it.
+    let objs = k8s_objects("envoy/istio/ratelimit.yaml");
+    let find = |kind: &str, name: &str| -> &Value {
+        &objs.iter().find(|(k, d)| k == kind && str_of(d, "metadata.name") == name).unwrap_or_else(|| panic!("no {kind} {name}")).1
+    };
+    let svc = find("Service", "ratelimit");
+    let grpc = get(svc, "spec.ports").as_sequence().unwrap().iter().find(|p| str_of(p, "name") == "grpc-port").expect("grpc-port");
+    let expect = format!("ratelimit.{}.svc.cluster.local:{}", str_of(svc, "metadata.namespace"), get(grpc, "port").as_u64().unwrap());
+    assert_eq!(target, expect, "the cluster points at the ratelimit Service");
+    let dep = find("Deployment", "ratelimit");
+    let ctr = get(dep, "spec.template.spec.containers.0");
+    assert_pinned("ratelimit Deployment", str_of(ctr, "image"));
+    assert!(str_of(ctr, "image").starts_with("envoyproxy/ratelimit:"));
+    let env: Vec<(String, String)> =
+        get(ctr, "env").as_sequence().unwrap().iter().map(|e| (str_of(e, "name").to_string(), str_of(e, "value").to_string())).collect();
+    assert_eq!(env_of(&env, "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT"), "true");
+    assert_eq!(env_of(&env, "REDIS_SOCKET_TYPE"), "tcp");
+    assert_eq!(env_of(&env, "GRPC_PORT"), get(grpc, "targetPort").as_u64().unwrap().to_string());
+    let redis_host = env_of(&env, "REDIS_URL").split(':').next().unwrap().to_string();
+    let redis_dep = find("Deployment", &redis_host);
+    assert_pinned("redis Deployment", str_of(redis_dep, "spec.template.spec.containers.0.image"));
+    find("Service", &redis_host);
+    // The ConfigMap with the domain, mounted at RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config.
+    let mount_path = format!("{}/{}/config", env_of(&env, "RUNTIME_ROOT"), env_of(&env, "RUNTIME_SUBDIRECTORY"));
+    let mount =
+        get(ctr, "volumeMounts").as_sequence().unwrap().iter().find(|m| str_of(m, "mountPath") == mount_path).expect("config mount");
+    let vol =
+        get(dep, "spec.template.spec.volumes").as_sequence().unwrap().iter().find(|v| str_of(v, "name") == str_of(mount, "name")).unwrap();
+    let cm = find("ConfigMap", str_of(vol, "configMap.name"));
+    let rl_config: Value =
+        serde_yaml::from_str(get(cm, "data").get("config.yaml").and_then(Value::as_str).expect("data.config.yaml")).unwrap();
+    assert_eq!(str_of(&rl_config, "domain"), "auto-ai-router");
+
+    // The plugin configuration names that service and domain.
+    let filter = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_FILTER").unwrap();
+    let plugin: serde_json::Value = serde_json::from_str(str_of(filter, "patch.value.typed_config.config.configuration.value")).unwrap();
+    assert_eq!(plugin.pointer("/global_limits/service").and_then(|s| s.as_str()), Some(target.as_str()));
+    assert_eq!(plugin.pointer("/global_limits/domain").and_then(|s| s.as_str()), Some("auto-ai-router"));
 }

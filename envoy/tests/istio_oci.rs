@@ -27,6 +27,11 @@ fn patch<'a>(ef: &'a Value, apply_to: &str) -> (usize, &'a Value) {
     one
 }
 
+/// Every patch of one kind, in order (CLUSTER: the credentials' and auto_ai_router_rls).
+fn patches<'a>(ef: &'a Value, apply_to: &str) -> Vec<&'a Value> {
+    get(ef, "spec.configPatches").as_sequence().unwrap().iter().filter(|p| str_of(p, "applyTo") == apply_to).collect()
+}
+
 /// The Wasm PluginConfig without its code source, which is all that may differ.
 fn without_code(cfg: &Value) -> Value {
     let mut c = cfg.clone();
@@ -112,9 +117,10 @@ fn ecds_config_pulls_the_oci_image_with_the_reference_filter_config() {
 
     // Clusters and the route are the reference's.
     for apply_to in ["CLUSTER", "HTTP_ROUTE"] {
-        assert_eq!(patch(&ef, apply_to).1, patch(&reference, apply_to).1, "{apply_to} patch differs from envoy/istio/envoyfilter.yaml");
+        assert_eq!(patches(&ef, apply_to), patches(&reference, apply_to), "{apply_to} patches differ from envoy/istio/envoyfilter.yaml");
     }
-    assert_eq!(get(&ef, "spec.configPatches").as_sequence().unwrap().len(), 4);
+    assert_eq!(patches(&ef, "CLUSTER").len(), 2, "openai_main and auto_ai_router_rls");
+    assert_eq!(get(&ef, "spec.configPatches").as_sequence().unwrap().len(), 5);
 }
 
 #[test]
