@@ -621,7 +621,8 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
                  f"summary; from the request headers to the routing decision, so it includes receiving the 1 KB "
                  f"body): {shown or meta['overhead']}.\n")
     L.append("## Memory\n")
-    L.append("After all runs. VMs as Envoy counts them (with the floor too: a base VM plus one per thread). Linear memory from /proc/PID/smaps (V8 reserves 8 GiB + guard per wasm memory and "
+    L.append("After all runs. wasm VMs as Envoy counts them (several per process: the workers' and the main "
+             "thread's); linear memory from /proc/PID/smaps (V8 reserves 8 GiB + guard per wasm memory and "
              "commits the live pages at its start); heap is Envoy's tcmalloc `allocated` (admin /memory).\n")
     L.append("| Envoy | RSS | heap | wasm VMs (`wasm.envoy.wasm.runtime.v8.active`) | linear memory per VM, committed / resident | .wasm |")
     L.append("|---|---:|---:|---:|---|---:|")
