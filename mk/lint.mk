@@ -1,5 +1,5 @@
 # Lints (issue 11): formatting and clippy with warnings as errors, natively for every crate and
-# target, and for the filter on wasm32 (its proxy-wasm layer compiles only there). The filter
+# target, and for the filter and bench/floor on wasm32 (their proxy-wasm layers compile only there). The filter
 # denies unwrap/expect/panic outside tests (filter/Cargo.toml [lints]). Part of `make test`.
 TEST_TARGETS += test-lint
 
@@ -10,3 +10,4 @@ test-lint: wasm-target
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --features e2e/e2e -- -D warnings
 	$(CARGO) clippy -p filter --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p bench-floor --target $(WASM_TARGET) -- -D warnings
