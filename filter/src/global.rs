@@ -158,7 +158,7 @@ pub fn hits(store: &dyn SharedStore, g: &GlobalLimits, check: &Check<'_>, now_ms
         return 1;
     }
     match read(store, &check.pair_key, Record::decode) {
-        Ok(Some(r)) if r.lease_until_ms > now_ms => g.lease.min(r.remaining.saturating_add(1)).max(1),
+        Ok(Some(r)) if r.lease_until_ms > now_ms => g.lease.min(r.remaining).max(1),
         _ => g.lease,
     }
 }
@@ -190,17 +190,26 @@ pub fn on_verdict(store: &dyn SharedStore, check: &Check<'_>, dispatch_ms: u64, 
     }
     let remaining = v.statuses.iter().map(|s| s.remaining).min().unwrap_or(0);
     let until = reset.map_or(dispatch_ms, |r| dispatch_ms + r);
+    let spare = hits.saturating_sub(1);
     let _ = cas_update(store, &check.pair_key, Record::decode, Record::encode, |r| {
-        if r.lease_until_ms != until {
+        if same_window(r, until, dispatch_ms) {
+            // Slots of two calls in one window: both good until the earlier end.
+            r.lease_until_ms = r.lease_until_ms.min(until);
+            r.slots = r.slots.saturating_add(spare);
+            r.remaining = r.remaining.min(remaining);
+        } else {
             // A new window (or the first call): spare slots of an older one are gone.
-            r.slots = 0;
+            *r = Record { full_until_ms: r.full_until_ms, lease_until_ms: until, slots: spare, remaining };
         }
-        r.lease_until_ms = until;
-        r.slots = r.slots.saturating_add(hits.saturating_sub(1));
-        r.remaining = remaining;
         (true, ())
     });
     Gate::Pass
+}
+
+/// Whether a lease still running ends in the same service window as one ending at `until`: their
+/// ends differ by the calls' dispatch times and delays (milliseconds), windows by a minute.
+fn same_window(r: &Record, until: u64, now_ms: u64) -> bool {
+    r.lease_until_ms > now_ms && r.lease_until_ms.abs_diff(until) < 30_000
 }
 
 fn note_full(store: &dyn SharedStore, key: &str, until_ms: u64) {

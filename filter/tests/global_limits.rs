@@ -263,3 +263,36 @@ fn a_reply_for_another_call_or_after_the_request_ended_changes_nothing() {
     r.on_grpc_reply(Some(&rt), &h, 1, 0, 7);
     assert_eq!(h.resumed.get(), 0);
 }
+
+#[test]
+fn spare_slots_of_concurrent_calls_in_one_window_add_up() {
+    let rt = runtime(", lease: 5", &[("a", 100)], 0);
+    let service = Service::default();
+    let store = Rc::new(MemStore::default());
+    let body = br#"{"model":"m"}"#;
+    // Two requests ask at once (no lease yet), the answers come back in turn.
+    let hosts: Vec<MemHost> = (0..2)
+        .map(|i| {
+            let h = MemHost::new(store.clone()).with_request(
+                &[(":method", "POST"), (":path", "/v1/chat/completions"), ("authorization", &format!("Bearer {MASTER}"))],
+                body,
+            );
+            h.now_ms.set(T0 + i);
+            h
+        })
+        .collect();
+    let mut reqs: Vec<Request> = (0..2).map(|_| Request::default()).collect();
+    for (r, h) in reqs.iter_mut().zip(&hosts) {
+        r.on_request_headers(Some(&rt), h, false);
+        assert_eq!(r.on_request_body(Some(&rt), h, body.len(), true), Action::Pause);
+    }
+    for (r, h) in reqs.iter_mut().zip(&hosts) {
+        let call = h.grpc_calls.borrow()[0].clone();
+        *h.grpc_reply.borrow_mut() = service.answer(&call.message, h.now_ms.get());
+        let len = h.grpc_reply.borrow().len();
+        r.on_grpc_reply(Some(&rt), h, 1, 0, len);
+        assert_eq!(h.resumed.get(), 1);
+    }
+    let admitted = (0..8).filter(|i| routed(&chat(&rt, &store, Some(&service), T0 + 10 + i)).is_some()).count();
+    assert_eq!((admitted, *service.calls.borrow()), (8, 2), "both calls' 4 spare slots were kept");
+}
