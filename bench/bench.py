@@ -35,6 +35,8 @@ plain_sse,floor_sse,router_sse,plain_1c,floor_1c,router_1c),
 BENCH_OUT (target/bench/report.md), BENCH_WASM (filter.wasm), BENCH_FLOOR_WASM (bench_floor.wasm,
 `cargo build --release --target wasm32-wasip1 -p bench-floor`), BENCH_BIN_DIR (where the mock and the
 CLI are, target/bench-tools), BENCH_LABEL (a note in the report),
+The global-limits cases (global1, global10, global1_1c, global10_1c) need redis-server and
+BIN_DIR/rls-double (the rate-limit service test double).
 BENCH_CHECK_KEYS (0 skips the router's model-list wait and the check that it uses both keys, for
 stripped-down test builds),
 BENCH_PERF (case names, comma-separated: `perf record -e cpu-clock` on that case's Envoy during its runs, written to
@@ -85,6 +87,7 @@ PERF = os.environ.get("BENCH_PERF", "")
 BIN_DIR = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "bench-tools")
 CLI = BIN_DIR / "auto-ai-router"
 MOCK = BIN_DIR / "mock-provider"
+RLS = BIN_DIR / "rls-double"
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 LUA = ROOT / "bench" / "post.lua"
 HOSTSIM = ROOT / "target" / "bench" / "hostsim.md"
@@ -96,7 +99,10 @@ MODEL = "gpt-4o-mini"
 CLUSTER_HEADER = "x-auto-ai-router-cluster"
 
 ALL_CASES = ["direct", "plain", "floor", "router", "router_noretry", "plain_sse", "floor_sse", "router_sse",
-             "plain_1c", "floor_1c", "router_1c"]
+             "plain_1c", "floor_1c", "router_1c", "global1", "global10", "global1_1c", "global10_1c"]
+# Global limits (issue 14): the router (retries on) with `global_limits` against the rate-limit
+# service test double over Redis, lease 1 and lease 10.
+GLOBAL_CASES = {"global1": 1, "global10": 10, "global1_1c": 1, "global10_1c": 10}
 FLOOR_CASES = ["floor", "floor_sse", "floor_1c"]
 TITLES = {
     "direct": "1 direct to the mock",
@@ -110,11 +116,16 @@ TITLES = {
     "plain_1c": "2 plain Envoy, 1 connection",
     "floor_1c": "F Envoy + floor filter, 1 connection",
     "router_1c": "3 Envoy + router filter, 1 connection",
+    "global1": "G1 router + global_limits, lease 1",
+    "global10": "G10 router + global_limits, lease 10",
+    "global1_1c": "G1 router + global_limits, lease 1, 1 connection",
+    "global10_1c": "G10 router + global_limits, lease 10, 1 connection",
 }
 # Which Envoy serves each case (for the RSS column).
 ENVOY_OF = {"plain": "plain", "plain_sse": "plain", "plain_1c": "plain", "floor": "floor", "floor_sse": "floor",
             "floor_1c": "floor", "router": "router", "router_sse": "router", "router_1c": "router",
-            "router_noretry": "router_noretry"}
+            "router_noretry": "router_noretry", "global1": "global1", "global1_1c": "global1",
+            "global10": "global10", "global10_1c": "global10"}
 # Issue 13's targets: (label, router case, baseline case, metric, limit). Metrics: "cpu" added Envoy
 # CPU per request (µs, at most), "ratio" throughput router/baseline (at least), "p50" added p50 (µs,
 # at most). The RSS target (router Envoy, 2 workers) is checked separately.
@@ -216,7 +227,7 @@ def cpu_seconds(pid: int) -> float:
 
 # ---------------------------------------------------------------- setup
 
-def write_router_config(mock_port: int, retries: int | None = None, file_name: str = "config.yaml") -> Path:
+def write_router_config(mock_port: int, retries: int | None = None, file_name: str = "config.yaml", extra: str = "") -> Path:
     creds = "\n".join(
         f"""  - name: {name}
     api_key: "{key}"
@@ -240,7 +251,7 @@ fail2ban:
   max_attempts: 3
   ban_duration: 5m
   error_codes: [401, 403, 429, 500, 502, 503, 504]
-"""
+{extra}"""
     path = WORK / file_name
     path.write_text(text)
     return path
@@ -592,6 +603,21 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
         L.append("3 − 3b is the upstream filter (one more wasm HTTP context per attempt), the filter-state plan, "
                  "the retry policy and the matcher cluster specifier, on requests that are not retried.\n")
 
+    pairs = [(c, "router" if not c.endswith("_1c") else "router_1c") for c in GLOBAL_CASES]
+    pairs = [(c, b) for c, b in pairs if c in results and b in results]
+    if pairs:
+        L.append("| global limits vs the same router without them (paired per round) | throughput | added p50 | "
+                 "added p99 | added Envoy CPU per request |")
+        L.append("|---|---:|---:|---:|---:|")
+        for c, b in pairs:
+            conns = "1 connection" if c.endswith("_1c") else f"{CONNECTIONS} connections"
+            L.append(paired_row(f"lease {GLOBAL_CASES[c]}, {conns}", results[b], results[c]))
+        L.append("")
+        calls = meta.get("rls_calls")
+        L.append("Every request calls the rate-limit service (test double, tests/rls-double, over a local "
+                 "redis-server) with lease 1, about one in ten with lease 10; the service, Redis, wrk, Envoy "
+                 f"and the mock share the same cores. Service calls over the whole bench: {calls if calls is not None else '—'}.\n")
+
     L.append("## Targets (issue 13)\n")
     L.append("| target | limit | router | floor, same measure | result |")
     L.append("|---|---:|---:|---:|---|")
@@ -743,6 +769,33 @@ def main() -> int:
                 procs.stop(noretry)
                 noretry = None
 
+        # Global limits: Redis, the rate-limit service double, and one router Envoy per lease.
+        globals_: dict[int, tuple[int, int, subprocess.Popen]] = {}
+        rls_stats = None
+        if any(c in GLOBAL_CASES for c in cases):
+            redis_bin = shutil.which("redis-server")
+            if redis_bin is None or not RLS.exists():
+                raise BenchError("global limits need redis-server (make redis) and "
+                                 f"{RLS} (cargo build --profile bench-tools -p rls-double)")
+            redis_port, rls_port, rls_stats_port = free_port(), free_port(), free_port()
+            redis = procs.start("redis", [redis_bin, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                                          "--appendonly", "no"])
+            wait_until("redis", lambda: socket.create_connection(("127.0.0.1", redis_port), timeout=1).close() is None, redis)
+            rls = procs.start("rls-double", [str(RLS), "--listen", f"127.0.0.1:{rls_port}", "--redis",
+                                             f"redis://127.0.0.1:{redis_port}", "--stats-listen", f"127.0.0.1:{rls_stats_port}"])
+            rls_stats = f"http://127.0.0.1:{rls_stats_port}/stats"
+            wait_until("rate-limit service double", lambda: http("GET", rls_stats)[0] == 200, rls)
+            for lease in sorted({GLOBAL_CASES[c] for c in cases if c in GLOBAL_CASES}):
+                g_port, g_admin = free_port(), free_port()
+                extra_cfg = f"global_limits:\n  service: \"127.0.0.1:{rls_port}\"\n  lease: {lease}\n"
+                g_config = write_router_config(mock_port, file_name=f"config-global{lease}.yaml", extra=extra_cfg)
+                g_yaml, g_env, g_extra = render_router(g_config, g_port, g_admin, name=f"router-global{lease}")
+                g = procs.start(f"envoy-global{lease}", envoy_argv(g_yaml, g_extra), env=dict(os.environ, **g_env))
+                wait_until(f"router Envoy (global limits, lease {lease})",
+                           lambda: http("GET", f"http://127.0.0.1:{g_admin}/ready")[0] == 200, g)
+                globals_[lease] = (g_port, g_admin, g)
+                log(f"Envoy router with global limits, lease {lease}, on :{g_port} (admin :{g_admin}); service :{rls_port}")
+
         # name: (port, key, SSE, Envoy process, connections; 0 = BENCH_CONNECTIONS)
         targets = {
             "direct": (mock_port, DIRECT_KEY, False, None, 0),
@@ -758,6 +811,10 @@ def main() -> int:
             "floor_1c": (floor_port, MASTER, False, floor, 1),
             "router_1c": (router_port, MASTER, False, router, 1),
         }
+        for c, lease in GLOBAL_CASES.items():
+            if lease in globals_:
+                g_port, _, g = globals_[lease]
+                targets[c] = (g_port, MASTER, False, g, 1 if c.endswith("_1c") else 0)
         # Sanity: every path answers 200; the router uses both credentials' keys, never the master key.
         for c in cases:
             port, key, stream, _, _ = targets[c]
@@ -826,7 +883,8 @@ def main() -> int:
         # Memory, after the load: every Envoy still running.
         mem = []
         for name, proc, admin, wasm in [("plain", plain, plain_admin, None), ("floor", floor, floor_admin, FLOOR_WASM),
-                                        ("router", router, router_admin, WASM), ("router_noretry", noretry, nr_admin, WASM)]:
+                                        ("router", router, router_admin, WASM), ("router_noretry", noretry, nr_admin, WASM)]
+                                       + [(f"global{lease}", g, admin, WASM) for lease, (_, admin, g) in globals_.items()]:
             if proc is None:
                 continue
             mem.append({"name": name, "rss_kib": rss_kib(proc.pid), "heap": tcmalloc_allocated(admin),
@@ -840,6 +898,8 @@ def main() -> int:
         over = admin_stats(router_admin, "auto_ai_router_overhead")
         summary = next((v for k, v in over.items() if k.endswith("auto_ai_router_overhead_microseconds")), None)
         meta["overhead"] = summary
+        if rls_stats:
+            meta["rls_calls"] = json.loads(http("GET", rls_stats)[1]).get("calls")
 
         report = build_report(results, cases, meta)
         OUT.write_text(report)

@@ -24,8 +24,8 @@ bench-floor: wasm-target
 	$(CARGO) build --release --target $(WASM_TARGET) -p bench-floor
 	@ls -l $(FLOOR_WASM) | awk '{print "bench_floor.wasm: " $$5 " bytes"}'
 
-bench-envoy: wasm bench-floor venv bench-tools
-	$(CARGO) build --profile bench-tools -p e2e -p auto-ai-router --bins
+bench-envoy: wasm bench-floor venv bench-tools redis
+	$(CARGO) build --profile bench-tools -p e2e -p auto-ai-router -p rls-double --bins
 	@# The report quotes host-sim's figure: make it first if it is registered and stale (mk/*.mk
 	@# are included in name order, so bench-hostsim would otherwise run after this target).
 	@if [[ " $(BENCH_TARGETS) " == *" bench-hostsim "* ]] && { [ ! -f $(HOSTSIM_REPORT) ] || [ $(HOSTSIM_REPORT) -ot $(WASM) ]; }; then \
