@@ -882,9 +882,10 @@ def main() -> int:
 
         # Memory, after the load: every Envoy still running.
         mem = []
-        for name, proc, admin, wasm in [("plain", plain, plain_admin, None), ("floor", floor, floor_admin, FLOOR_WASM),
-                                        ("router", router, router_admin, WASM), ("router_noretry", noretry, nr_admin, WASM)]
-                                       + [(f"global{lease}", g, admin, WASM) for lease, (_, admin, g) in globals_.items()]:
+        envoys = [("plain", plain, plain_admin, None), ("floor", floor, floor_admin, FLOOR_WASM),
+                  ("router", router, router_admin, WASM), ("router_noretry", noretry, nr_admin, WASM)]
+        envoys += [(f"global{lease}", g, admin, WASM) for lease, (_, admin, g) in globals_.items()]
+        for name, proc, admin, wasm in envoys:
             if proc is None:
                 continue
             mem.append({"name": name, "rss_kib": rss_kib(proc.pid), "heap": tcmalloc_allocated(admin),
