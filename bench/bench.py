@@ -88,6 +88,9 @@ BIN_DIR = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "bench-tools
 CLI = BIN_DIR / "auto-ai-router"
 MOCK = BIN_DIR / "mock-provider"
 RLS = BIN_DIR / "rls-double"
+# An earlier filter.wasm to compare this build with, run in the same rounds (cases baseline and
+# baseline_noretry): before/after of a change, paired per round.
+BASELINE_WASM = Path(os.environ["BENCH_BASELINE_WASM"]) if os.environ.get("BENCH_BASELINE_WASM") else None
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 LUA = ROOT / "bench" / "post.lua"
 HOSTSIM = ROOT / "target" / "bench" / "hostsim.md"
@@ -99,7 +102,9 @@ MODEL = "gpt-4o-mini"
 CLUSTER_HEADER = "x-auto-ai-router-cluster"
 
 ALL_CASES = ["direct", "plain", "floor", "router", "router_noretry", "plain_sse", "floor_sse", "router_sse",
-             "plain_1c", "floor_1c", "router_1c", "global1", "global10", "global1_1c", "global10_1c"]
+             "plain_1c", "floor_1c", "router_1c", "global1", "global10", "global1_1c", "global10_1c",
+             "baseline", "baseline_noretry"]
+BASELINE_CASES = {"baseline": None, "baseline_noretry": 0}
 # Global limits (issue 14): the router (retries on) with `global_limits` against the rate-limit
 # service test double over Redis, lease 1 and lease 10.
 GLOBAL_CASES = {"global1": 1, "global10": 10, "global1_1c": 1, "global10_1c": 10}
@@ -120,12 +125,14 @@ TITLES = {
     "global10": "G10 router + global_limits, lease 10",
     "global1_1c": "G1 router + global_limits, lease 1, 1 connection",
     "global10_1c": "G10 router + global_limits, lease 10, 1 connection",
+    "baseline": "B the baseline filter.wasm (BENCH_BASELINE_WASM), retries on",
+    "baseline_noretry": "Bb the baseline filter.wasm, max_provider_retries: 0",
 }
 # Which Envoy serves each case (for the RSS column).
 ENVOY_OF = {"plain": "plain", "plain_sse": "plain", "plain_1c": "plain", "floor": "floor", "floor_sse": "floor",
             "floor_1c": "floor", "router": "router", "router_sse": "router", "router_1c": "router",
             "router_noretry": "router_noretry", "global1": "global1", "global1_1c": "global1",
-            "global10": "global10", "global10_1c": "global10"}
+            "global10": "global10", "global10_1c": "global10", "baseline": "baseline", "baseline_noretry": "baseline_noretry"}
 # Issue 13's targets: (label, router case, baseline case, metric, limit). Metrics: "cpu" added Envoy
 # CPU per request (µs, at most), "ratio" throughput router/baseline (at least), "p50" added p50 (µs,
 # at most). The RSS target (router Envoy, 2 workers) is checked separately.
@@ -257,11 +264,11 @@ fail2ban:
     return path
 
 
-def render_router(config: Path, port: int, admin_port: int, name: str = "router") -> tuple[Path, dict, list[str]]:
+def render_router(config: Path, port: int, admin_port: int, name: str = "router", wasm: Path | None = None) -> tuple[Path, dict, list[str]]:
     out = WORK / f"{name}.yaml"
     env_file = WORK / f"{name}.env"
     r = subprocess.run(
-        [str(CLI), "render", "--config", str(config), "--wasm", str(WASM), "--out", str(out),
+        [str(CLI), "render", "--config", str(config), "--wasm", str(wasm or WASM), "--out", str(out),
          "--listen", f"127.0.0.1:{port}", "--admin-port", str(admin_port), "--access-log", ACCESS_LOG,
          "--env-file", str(env_file)],
         capture_output=True, text=True, timeout=60,
@@ -618,6 +625,15 @@ def build_report(results: dict, cases: list[str], meta: dict) -> str:
                  "redis-server) with lease 1, about one in ten with lease 10; the service, Redis, wrk, Envoy "
                  f"and the mock share the same cores. Service calls over the whole bench: {calls if calls is not None else '—'}.\n")
 
+    bpairs = [(c, b) for c, b in [("router", "baseline"), ("router_noretry", "baseline_noretry")] if c in results and b in results]
+    if bpairs:
+        L.append(f"| this build vs the baseline `{BASELINE_WASM.name if BASELINE_WASM else '?'}` (same rounds, paired) | "
+                 "throughput | added p50 | added p99 | added Envoy CPU per request |")
+        L.append("|---|---:|---:|---:|---:|")
+        for c, b in bpairs:
+            L.append(paired_row("retries on" if c == "router" else "max_provider_retries: 0", results[b], results[c]))
+        L.append("")
+
     L.append("## Targets (issue 13)\n")
     L.append("| target | limit | router | floor, same measure | result |")
     L.append("|---|---:|---:|---:|---|")
@@ -695,7 +711,8 @@ def main() -> int:
             raise BenchError(f"{path} is missing{': ' + hint if hint else ''}")
     if shutil.which("wrk") is None:
         raise BenchError("wrk is not installed (apt-get install -y wrk)")
-    cases = [c.strip() for c in os.environ.get("BENCH_CASES", ",".join(ALL_CASES)).split(",") if c.strip()]
+    default_cases = [c for c in ALL_CASES if c not in BASELINE_CASES or BASELINE_WASM is not None]
+    cases = [c.strip() for c in os.environ.get("BENCH_CASES", ",".join(default_cases)).split(",") if c.strip()]
     bad = [c for c in cases if c not in ALL_CASES]
     if bad:
         raise BenchError(f"BENCH_CASES: unknown {bad}; use {ALL_CASES}")
@@ -796,6 +813,21 @@ def main() -> int:
                 globals_[lease] = (g_port, g_admin, g)
                 log(f"Envoy router with global limits, lease {lease}, on :{g_port} (admin :{g_admin}); service :{rls_port}")
 
+        # The baseline build, same configurations.
+        baselines: dict[str, tuple[int, int, subprocess.Popen]] = {}
+        for c, retries in BASELINE_CASES.items():
+            if c not in cases:
+                continue
+            if BASELINE_WASM is None or not BASELINE_WASM.exists():
+                raise BenchError(f"{c}: set BENCH_BASELINE_WASM to an earlier filter.wasm")
+            b_port, b_admin = free_port(), free_port()
+            b_config = write_router_config(mock_port, retries=retries, file_name=f"config-{c}.yaml")
+            b_yaml, b_env, b_extra = render_router(b_config, b_port, b_admin, name=f"router-{c}", wasm=BASELINE_WASM)
+            b = procs.start(f"envoy-{c}", envoy_argv(b_yaml, b_extra), env=dict(os.environ, **b_env))
+            wait_until(f"{c} Envoy", lambda: http("GET", f"http://127.0.0.1:{b_admin}/ready")[0] == 200, b)
+            baselines[c] = (b_port, b_admin, b)
+            log(f"Envoy with the baseline filter ({BASELINE_WASM}), {c}, on :{b_port} (admin :{b_admin})")
+
         # name: (port, key, SSE, Envoy process, connections; 0 = BENCH_CONNECTIONS)
         targets = {
             "direct": (mock_port, DIRECT_KEY, False, None, 0),
@@ -811,6 +843,8 @@ def main() -> int:
             "floor_1c": (floor_port, MASTER, False, floor, 1),
             "router_1c": (router_port, MASTER, False, router, 1),
         }
+        for c, (b_port, _, b) in baselines.items():
+            targets[c] = (b_port, MASTER, False, b, 0)
         for c, lease in GLOBAL_CASES.items():
             if lease in globals_:
                 g_port, _, g = globals_[lease]
@@ -885,6 +919,7 @@ def main() -> int:
         envoys = [("plain", plain, plain_admin, None), ("floor", floor, floor_admin, FLOOR_WASM),
                   ("router", router, router_admin, WASM), ("router_noretry", noretry, nr_admin, WASM)]
         envoys += [(f"global{lease}", g, admin, WASM) for lease, (_, admin, g) in globals_.items()]
+        envoys += [(c, b, admin, BASELINE_WASM) for c, (_, admin, b) in baselines.items()]
         for name, proc, admin, wasm in envoys:
             if proc is None:
                 continue

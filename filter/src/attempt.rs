@@ -88,19 +88,28 @@ pub fn read_plan(host: &dyn Host) -> HostResult<Option<Plan>> {
     Ok(host.property(&[PLAN_PROPERTY])?.and_then(|b| Plan::decode(&b)))
 }
 
-/// The cooldown hints of a response, reading only the headers that can matter for `status`.
-pub fn read_hints(host: &dyn Host, status: u16) -> Hints {
-    let header = |n: &str| host.response_header(n).ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned());
-    if status == 429 || status == 503 {
-        return Hints {
-            retry_after: header("retry-after"),
-            reset_requests: header("x-ratelimit-reset-requests"),
-            remaining_requests: None,
-        };
-    }
-    let remaining = header("x-ratelimit-remaining-requests");
-    let reset = remaining.as_deref().is_some_and(|r| r.trim() == "0").then(|| header("x-ratelimit-reset-requests")).flatten();
-    Hints { retry_after: None, reset_requests: reset, remaining_requests: remaining }
+/// What the filters read from a response's headers, from one host call.
+#[derive(Debug, Default)]
+pub struct Head {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub hints: Hints,
+}
+
+/// The response's status, content-type and cooldown hints (only those that can matter for the
+/// status); a map the host can't give is status 0 (nothing to account).
+pub fn read_head(host: &dyn Host) -> Head {
+    let Ok(map) = host.response_headers() else { return Head::default() };
+    let text = |n: &str| map.get(n).map(|v| String::from_utf8_lossy(v).into_owned());
+    let status = map.get(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok()).unwrap_or(0);
+    let hints = if status == 429 || status == 503 {
+        Hints { retry_after: text("retry-after"), reset_requests: text("x-ratelimit-reset-requests"), remaining_requests: None }
+    } else {
+        let remaining = text("x-ratelimit-remaining-requests");
+        let reset = remaining.as_deref().is_some_and(|r| r.trim() == "0").then(|| text("x-ratelimit-reset-requests")).flatten();
+        Hints { retry_after: None, reset_requests: reset, remaining_requests: remaining }
+    };
+    Head { status, content_type: text("content-type"), hints }
 }
 
 pub fn write_plan(host: &dyn Host, plan: &Plan, next: &str) -> HostResult<()> {
@@ -168,9 +177,8 @@ impl Attempt {
         self.responded = true;
         // A provider can't ask for a retry by sending our flag itself.
         let _ = host.set_response_header(RETRY_HEADER, None);
-        let status = host.response_header(":status").ok().flatten().and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok()).unwrap_or(0);
-        let hints = read_hints(host, status);
-        self.finish_attempt(rt, host, index, Outcome::Response(status), &hints);
+        let head = read_head(host);
+        self.finish_attempt(rt, host, index, Outcome::Response(head.status), &head.hints);
         Action::Continue
     }
 

@@ -215,7 +215,8 @@ impl Request {
         if std::mem::replace(&mut self.accounted, true) {
             return Action::Continue;
         }
-        let status = host.response_header(":status").ok().flatten().and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok()).unwrap_or(0);
+        let head = attempt::read_head(host);
+        let status = head.status;
         let counted = if upstream_status::needs_details(status) {
             let details = host.property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
             upstream_status::effective_status(status, &String::from_utf8_lossy(&details))
@@ -233,8 +234,7 @@ impl Request {
             }
         }
         if (200..300).contains(&status) && self.model.is_some() {
-            let content_type = host.response_header("content-type").ok().flatten();
-            match content_type.and_then(|c| usage::Format::from_content_type(&String::from_utf8_lossy(&c))) {
+            match head.content_type.as_deref().and_then(usage::Format::from_content_type) {
                 Some(f) if self.wants_usage(rt, f) => self.usage = Some(Box::new(usage::UsageReader::new(f))),
                 Some(_) => self.usage_unscanned = true,
                 None => {}
@@ -243,7 +243,7 @@ impl Request {
         if rt.retries_on() {
             return Action::Continue;
         }
-        rt.account(host, index, self.endpoint, counted, &attempt::read_hints(host, status));
+        rt.account(host, index, self.endpoint, counted, &head.hints);
         if let Some(model) = &self.model {
             rt.count_model(host, index, model);
         }

@@ -145,6 +145,13 @@ impl Host for MemHost {
         Ok(self.response_headers.borrow().iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
 
+    fn response_headers(&self) -> HostResult<HeaderMap> {
+        self.call("response_headers")?;
+        let h = self.response_headers.borrow();
+        let map: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap_or("\u{fffd}"))).collect();
+        HeaderMap::parse(serialize_map(&map))
+    }
+
     fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
         self.call("response_body")?;
         let b = self.response_chunk.borrow();

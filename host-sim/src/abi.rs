@@ -67,6 +67,7 @@ fn give(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, size_ptr: i32) -> Result<()> 
             Some(f) => f,
             None => wasmtime::bail!("module exports neither malloc nor proxy_on_memory_allocate"),
         };
+        c.data_mut().stats.allocations += 1;
         ptr = malloc.call(&mut *c, bytes.len() as i32)? as u32;
         if ptr == 0 {
             wasmtime::bail!("allocation of {} bytes failed", bytes.len());

@@ -358,6 +358,10 @@ impl Vm {
     pub fn callbacks(&self) -> u64 {
         self.store.data().stats.callbacks
     }
+    /// Buffers the host allocated in the module to hand it data (in Envoy each re-enters V8).
+    pub fn allocations(&self) -> u64 {
+        self.store.data().stats.allocations
+    }
     /// `proxy_set_shared_data` calls that succeeded on this VM.
     pub fn shared_sets(&self) -> u64 {
         self.store.data().stats.shared_sets

@@ -66,6 +66,8 @@ pub(crate) struct Stats {
     pub host_calls: u64,
     /// proxy-wasm callbacks the host made into the module (each one a V8 entry in Envoy).
     pub callbacks: u64,
+    /// Buffers the host allocated in the module to return data (Envoy calls back into V8 for each).
+    pub allocations: u64,
 }
 
 pub(crate) struct PendingCall {

@@ -213,6 +213,16 @@ impl Host for WasmHost {
         get_map_value(RESPONSE_HEADERS, name)
     }
 
+    fn response_headers(&self) -> HostResult<HeaderMap> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: as in get_buffer.
+        let bytes = unsafe {
+            check(proxy_get_header_map_pairs(RESPONSE_HEADERS, &mut data, &mut size))?;
+            owned(data, size)
+        };
+        HeaderMap::parse(bytes)
+    }
+
     fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
         get_buffer(RESPONSE_BODY, start, len)
     }

@@ -68,18 +68,23 @@ fn one(vm: &mut Vm, answer: Answer) {
 
 /// Per request for `answer`, on a fresh VM of a fuel-metered host: wasm instructions, host calls
 /// (module → host) and callbacks (host → module: V8 entries in Envoy).
-fn fuel_per_request(fuel_host: &Host, answer: Answer, retries: bool) -> (u64, f64, f64) {
+fn fuel_per_request(fuel_host: &Host, answer: Answer, retries: bool) -> (u64, f64, f64, f64) {
     let mut fvm = vm_for(fuel_host, retries);
     for _ in 0..100 {
         one(&mut fvm, answer);
     }
-    let (before, calls, callbacks) = (fvm.fuel_used().unwrap(), fvm.host_calls(), fvm.callbacks());
+    let (before, calls, callbacks, allocs) = (fvm.fuel_used().unwrap(), fvm.host_calls(), fvm.callbacks(), fvm.allocations());
     let m = 2_000u64;
     for _ in 0..m {
         one(&mut fvm, answer);
     }
     let per = |x: u64| x as f64 / m as f64;
-    ((fvm.fuel_used().unwrap() - before) / m, per(fvm.host_calls() - calls), per(fvm.callbacks() - callbacks))
+    (
+        (fvm.fuel_used().unwrap() - before) / m,
+        per(fvm.host_calls() - calls),
+        per(fvm.callbacks() - callbacks),
+        per(fvm.allocations() - allocs),
+    )
 }
 
 fn main() {
@@ -108,10 +113,10 @@ fn main() {
 
     let fuel_host = Host::load(&path, true).unwrap_or_else(|e| panic!("{e}"));
     let m = 2_000u64;
-    let (instr, calls, callbacks) = fuel_per_request(&fuel_host, Answer::Tiny, false);
-    let (instr_r, calls_r, callbacks_r) = fuel_per_request(&fuel_host, Answer::Tiny, true);
-    let (json_usage, _, _) = fuel_per_request(&fuel_host, Answer::JsonUsage, false);
-    let (sse, _, _) = fuel_per_request(&fuel_host, Answer::Sse, false);
+    let (instr, calls, callbacks, allocs) = fuel_per_request(&fuel_host, Answer::Tiny, false);
+    let (instr_r, calls_r, callbacks_r, allocs_r) = fuel_per_request(&fuel_host, Answer::Tiny, true);
+    let (json_usage, _, _, _) = fuel_per_request(&fuel_host, Answer::JsonUsage, false);
+    let (sse, _, _, _) = fuel_per_request(&fuel_host, Answer::Sse, false);
 
     let report = format!(
         "# host-sim bench: router request path\n\n\
@@ -121,9 +126,9 @@ fn main() {
          | figure | value |\n|---|---|\n\
          | mean time per request (`max_provider_retries: 0`) | {us:.1} µs ({n} requests) |\n\
          | wasm instructions per request (fuel), `max_provider_retries: 0` | {instr} ({m} requests) |\n\
-         | host calls / callbacks per request, `max_provider_retries: 0` | {calls:.1} / {callbacks:.1} |\n\
+         | host calls / callbacks / host allocations in the module per request, `max_provider_retries: 0` | {calls:.1} / {callbacks:.1} / {allocs:.1} |\n\
          | wasm instructions per request, retries on (+ the upstream filter's attempt) | {instr_r} |\n\
-         | host calls / callbacks per request, retries on | {calls_r:.1} / {callbacks_r:.1} |\n\
+         | host calls / callbacks / host allocations per request, retries on | {calls_r:.1} / {callbacks_r:.1} / {allocs_r:.1} |\n\
          | filter.wasm size | {wasm_size} bytes |\n\
          | module compile (once per process) | {compile_ms:.0} ms |\n\
          | VM start (instantiate + on_vm_start + on_configure) | {vm_start_us:.0} µs |\n\n\
@@ -132,7 +137,10 @@ fn main() {
          | tiny JSON, no usage | {instr} | — |\n\
          | {} B chat answer with `usage` | {json_usage} | +{} |\n\
          | SSE, 20 chunks + a usage event | {sse} | +{} |\n\n\
-         (In Envoy each answer chunk also costs one host call to copy it into the VM.)\n",
+         (In Envoy each answer chunk also costs one host call to copy it into the VM.) Callbacks are the \
+         host's calls into the module (each a V8 entry in Envoy); host allocations are the buffers a host call \
+         that returns data (a header, shared data, a property, body bytes) has the module allocate first, each \
+         one more entry into the module.\n",
         BODY.len(),
         JSON_USAGE.len(),
         json_usage.saturating_sub(instr),
