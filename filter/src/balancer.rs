@@ -39,8 +39,9 @@ impl StateKeys {
         let id = fx(|h| (&c.name, &c.base_url, fx(|k| c.api_key.hash(k))).hash(h));
         let p = fx(|h| (policy.max_attempts, format!("{:?}", policy.ban_duration), &policy.error_codes).hash(h));
         StateKeys {
-            rate: format!("aar/rpm/{}/{id:016x}", c.name),
-            tokens: format!("aar/tpm/{}/{id:016x}", c.name),
+            // `3`: the record format (a new format starts its windows afresh, never refuses once).
+            rate: format!("aar/rpm3/{}/{id:016x}", c.name),
+            tokens: format!("aar/tpm3/{}/{id:016x}", c.name),
             ban: format!("aar/ban/{}/{id:016x}/{p:08x}", c.name),
             models: format!("aar/models/list/{}/{id:016x}", c.name),
             global: format!("aar/global/{}/{id:016x}", c.name),

@@ -12,48 +12,94 @@ pub const WINDOW_SECS: u64 = 60;
 pub const MAX_BUCKETS: usize = WINDOW_SECS as usize + 1;
 /// Bound on one credential's record in bytes: it is copied and rewritten on every admission.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
-/// Bytes a model window can grow to: name hash, bucket count, full buckets.
-const MODEL_ENTRY_MAX: usize = 8 + 1 + 8 * MAX_BUCKETS;
-/// Bytes before the model windows at most: version, a full credential window, model count.
-const HEAD_MAX: usize = 1 + 1 + 8 * MAX_BUCKETS + 2;
+/// Bytes of an encoded window: a tag, then (when not empty) its newest second and 61 counts.
+const WINDOW_BYTES: usize = 1 + 4 + 4 * MAX_BUCKETS;
+/// Bytes a model window takes: name hash and window.
+const MODEL_ENTRY_MAX: usize = 8 + WINDOW_BYTES;
+/// Bytes before the model windows at most: version, the credential window, model count.
+const HEAD_MAX: usize = 1 + WINDOW_BYTES + 2;
 /// Distinct models one credential tracks at once (models unused for 61 s are dropped); reserving
 /// each window's full size keeps the record under `MAX_RECORD_BYTES` whatever the traffic.
 pub const MAX_MODEL_WINDOWS: usize = (MAX_RECORD_BYTES - HEAD_MAX) / MODEL_ENTRY_MAX;
 // Room for a provider that serves many models at once.
 const _: () = assert!(MAX_MODEL_WINDOWS >= 100);
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Admissions per second over the seconds `last - 60 ..= last`, in a ring of 61 counts indexed
+/// by `second % 61`: every admission reads and rewrites its record, so decoding, pruning and
+/// encoding are fixed-size copies, not a list rebuilt per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
-    /// Ascending by second; counts > 0.
-    buckets: Vec<(u32, u32)>,
+    /// The newest second counted (meaningless while every count is 0).
+    last: u32,
+    counts: [u32; MAX_BUCKETS],
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window { last: 0, counts: [0; MAX_BUCKETS] }
+    }
+}
+
+fn slot(second: u32) -> usize {
+    second as usize % MAX_BUCKETS
 }
 
 impl Window {
+    /// The counted seconds, oldest first, with their counts (> 0).
+    fn buckets(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let first = self.last.saturating_sub(WINDOW_SECS as u32);
+        (first..=self.last).map(|s| (s, self.counts[slot(s)])).filter(|(_, c)| *c > 0)
+    }
+
     /// Forgets admissions that left the window. Buckets more than a window ahead of `now` (the
     /// clock stepped back) are forgotten too.
     pub fn prune(&mut self, now_s: u64) {
-        self.buckets.retain(|(s, _)| {
-            let s = *s as u64;
-            s + WINDOW_SECS >= now_s && s <= now_s + WINDOW_SECS
-        });
+        if self.is_empty() {
+            return;
+        }
+        let last = self.last as u64;
+        if last + WINDOW_SECS < now_s || now_s + WINDOW_SECS < last.saturating_sub(WINDOW_SECS) {
+            *self = Window::default();
+            return;
+        }
+        // Seconds older than `now - 60` (only when time moved past `last`).
+        let first = last.saturating_sub(WINDOW_SECS);
+        for s in first..now_s.saturating_sub(WINDOW_SECS).min(last + 1) {
+            self.counts[slot(s as u32)] = 0;
+        }
+        // Seconds after `now + 60` (the clock stepped back by more than a minute).
+        if last > now_s + WINDOW_SECS {
+            for s in (now_s + WINDOW_SECS + 1)..=last {
+                self.counts[slot(s as u32)] = 0;
+            }
+            // The newest second still counted (the charge of a stepped-back clock goes there).
+            let kept = (last.saturating_sub(WINDOW_SECS)..=now_s + WINDOW_SECS).rev().find(|s| self.counts[slot(*s as u32)] > 0);
+            match kept {
+                Some(s) => self.last = s as u32,
+                None => *self = Window::default(),
+            }
+        }
+        if self.is_empty() {
+            *self = Window::default();
+        }
     }
 
     pub fn count(&self) -> u32 {
-        self.buckets.iter().fold(0u32, |n, (_, c)| n.saturating_add(*c))
+        self.counts.iter().fold(0u32, |n, c| n.saturating_add(*c))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
+        self.counts.iter().all(|c| *c == 0)
     }
 
     /// Seconds until one more admission fits (call on a pruned, full window).
     fn retry_after(&self, now_s: u64, limit: u32) -> u64 {
         let must_expire = self.count().saturating_add(1).saturating_sub(limit);
-        let mut freed = 0;
-        for (s, c) in &self.buckets {
+        let mut freed = 0u32;
+        for (s, c) in self.buckets() {
             freed = c.saturating_add(freed);
             if freed >= must_expire {
-                return ((*s as u64) + WINDOW_SECS + 1).saturating_sub(now_s).max(1);
+                return ((s as u64) + WINDOW_SECS + 1).saturating_sub(now_s).max(1);
             }
         }
         1
@@ -72,53 +118,64 @@ impl Window {
         self.charge_n(now_s, 1);
     }
 
-    /// Adds `n` (tokens, for TPM windows) at `now_s`.
+    /// Adds `n` (tokens, for TPM windows) at `now_s`; when the clock stepped back, to the newest
+    /// second counted, so seconds stay in order.
     pub fn charge_n(&mut self, now_s: u64, n: u32) {
         if n == 0 {
             return;
         }
         let s = now_s as u32;
-        match self.buckets.last_mut() {
-            // Same second, or the clock stepped back: buckets stay ascending.
-            Some((last, c)) if *last >= s => *c = c.saturating_add(n),
-            _ => self.buckets.push((s, n)),
+        if self.is_empty() {
+            *self = Window::default();
+            self.last = s;
+        } else if s > self.last {
+            // The ring moves on: the slots of the new seconds held seconds a window ago.
+            if s - self.last > WINDOW_SECS as u32 {
+                self.counts = [0; MAX_BUCKETS];
+            } else {
+                for t in self.last + 1..=s {
+                    self.counts[slot(t)] = 0;
+                }
+            }
+            self.last = s;
         }
+        let c = &mut self.counts[slot(self.last)];
+        *c = c.saturating_add(n);
     }
 
     fn encoded_len(&self) -> usize {
-        1 + 8 * self.buckets.len()
+        if self.is_empty() {
+            1
+        } else {
+            WINDOW_BYTES
+        }
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.buckets.len() as u8);
-        for (s, c) in &self.buckets {
-            let mut b = [0u8; 8];
-            b[..4].copy_from_slice(&s.to_le_bytes());
-            b[4..].copy_from_slice(&c.to_le_bytes());
-            out.extend_from_slice(&b);
+        if self.is_empty() {
+            out.push(0);
+            return;
+        }
+        out.push(1);
+        out.extend_from_slice(&self.last.to_le_bytes());
+        for c in &self.counts {
+            out.extend_from_slice(&c.to_le_bytes());
         }
     }
 
-    /// This runs on every admission (the whole record is read and rewritten): one bounds check
-    /// for all buckets, then 8-byte chunks.
     fn decode(input: &mut &[u8]) -> Option<Window> {
-        let n = *take(input, 1)?.first()? as usize;
-        if n > MAX_BUCKETS {
-            return None;
-        }
-        let raw = take(input, 8 * n)?;
-        let mut buckets = Vec::with_capacity(n);
-        let mut prev: Option<u32> = None;
-        for b in raw.chunks_exact(8) {
-            let s = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            let c = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-            if c == 0 || prev.is_some_and(|p| p >= s) {
-                return None;
+        match *take(input, 1)?.first()? {
+            0 => Some(Window::default()),
+            1 => {
+                let raw = take(input, WINDOW_BYTES - 1)?;
+                let mut w = Window { last: u32::from_le_bytes(raw.get(..4)?.try_into().ok()?), counts: [0; MAX_BUCKETS] };
+                for (c, b) in w.counts.iter_mut().zip(raw.get(4..)?.chunks_exact(4)) {
+                    *c = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                Some(w)
             }
-            prev = Some(s);
-            buckets.push((s, c));
+            _ => None,
         }
-        Some(Window { buckets })
     }
 }
 
@@ -146,7 +203,7 @@ pub struct RateRecord {
     pub models: Vec<(u64, Window)>,
 }
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 
 /// Why an admission was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -382,9 +439,80 @@ mod tests {
         assert_eq!(r.credential.count(), 0, "a bucket far in the future is forgotten");
     }
 
+    /// The list-of-buckets window this ring replaced, as the reference.
+    #[derive(Default)]
+    struct ListWindow(Vec<(u32, u32)>);
+
+    impl ListWindow {
+        fn prune(&mut self, now_s: u64) {
+            self.0.retain(|(s, _)| (*s as u64) + WINDOW_SECS >= now_s && (*s as u64) <= now_s + WINDOW_SECS);
+        }
+        fn count(&self) -> u32 {
+            self.0.iter().fold(0u32, |n, (_, c)| n.saturating_add(*c))
+        }
+        fn charge_n(&mut self, now_s: u64, n: u32) {
+            if n == 0 {
+                return;
+            }
+            match self.0.last_mut() {
+                Some((last, c)) if *last >= now_s as u32 => *c = c.saturating_add(n),
+                _ => self.0.push((now_s as u32, n)),
+            }
+        }
+        fn retry_after(&self, now_s: u64, limit: u32) -> u64 {
+            let must_expire = self.count().saturating_add(1).saturating_sub(limit);
+            let mut freed = 0u32;
+            for (s, c) in &self.0 {
+                freed = c.saturating_add(freed);
+                if freed >= must_expire {
+                    return ((*s as u64) + WINDOW_SECS + 1).saturating_sub(now_s).max(1);
+                }
+            }
+            1
+        }
+    }
+
+    proptest::proptest! {
+        /// Random charges and prunes, with time going forward, standing still and stepping back:
+        /// the ring counts, refuses and computes Retry-After exactly as the list did.
+        #[test]
+        fn the_ring_matches_the_list_it_replaced(steps in proptest::collection::vec((0i64..200, 0u32..4, proptest::bool::ANY), 1..80)) {
+            let (mut ring, mut list) = (Window::default(), ListWindow::default());
+            let mut now: u64 = 10_000;
+            for (dt, n, prune) in steps {
+                now = (now as i64 + dt - 70).max(0) as u64;
+                if prune {
+                    ring.prune(now);
+                    list.prune(now);
+                }
+                ring.charge_n(now, n);
+                list.charge_n(now, n);
+                ring.prune(now);
+                list.prune(now);
+                proptest::prop_assert_eq!(ring.count(), list.count());
+                let buckets: Vec<(u32, u32)> = ring.buckets().collect();
+                proptest::prop_assert_eq!(&buckets, &list.0);
+                for limit in [1, 2, 5] {
+                    if ring.count() >= limit {
+                        proptest::prop_assert_eq!(ring.retry_after(now, limit), list.retry_after(now, limit));
+                    }
+                }
+                let mut bytes = Vec::new();
+                ring.encode(&mut bytes);
+                proptest::prop_assert_eq!(Window::decode(&mut bytes.as_slice()), Some(ring.clone()));
+            }
+        }
+    }
+
     #[test]
     fn huge_counts_from_a_corrupt_record_saturate() {
-        let bytes = [VERSION, 1, 0, 4, 0, 0, 255, 255, 255, 255, 0, 0];
+        // A credential window whose newest second is 1024 with u32::MAX in it, no model windows.
+        let mut bytes = vec![VERSION, 1];
+        bytes.extend_from_slice(&1024u32.to_le_bytes());
+        for s in 0..MAX_BUCKETS as u32 {
+            bytes.extend_from_slice(&(if s == 1024 % MAX_BUCKETS as u32 { u32::MAX } else { 0 }).to_le_bytes());
+        }
+        bytes.extend_from_slice(&[0, 0]);
         let mut r = RateRecord::decode(&bytes).unwrap();
         r.prune(1024);
         assert_eq!(r.try_admit(1024, Rpm::Limit(5), None), Err(Refused::Full { retry_after: 61 }));
