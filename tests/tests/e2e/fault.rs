@@ -49,10 +49,12 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
             assert_eq!(api_log(&a).len(), 0, "round {round}: a trapped request reached the provider");
         }
         // Until each worker's VM is reloaded: refused (5xx) with or without a key, never
-        // forwarded. Fresh connections land on either worker; wait for 4 good pairs in a row.
+        // forwarded. Fresh connections land on either worker, and a VM that crashed again waits
+        // out a longer reload backoff: wait for 8 good pairs in a row, 60 ms apart (≈ 0.5 s of
+        // both workers serving; 4 pairs at once could all land on the healthy worker).
         let start = Instant::now();
         let (mut refused, mut served, mut good_in_a_row) = (0, 0, 0);
-        while good_in_a_row < 4 {
+        while good_in_a_row < 8 {
             let unauth = r.send(&Request::post("/v1/chat/completions").body("{\"model\":\"gpt-4o\"}"));
             let ok = r.chat("gpt-4o");
             for x in [&unauth, &ok] {
@@ -74,9 +76,7 @@ fn a_trap_fails_closed_and_the_vm_reloads() {
             good_in_a_row = if ok.status == 200 && unauth.status == 401 { good_in_a_row + 1 } else { 0 };
             assert_eq!(api_log(&a).len(), served, "round {round}: a refused request reached the provider");
             assert!(start.elapsed() < RECOVERY_BOUND, "round {round}: still failing after {RECOVERY_BOUND:?} ({refused} refused)");
-            if good_in_a_row == 0 {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            std::thread::sleep(Duration::from_millis(60));
         }
         eprintln!("round {round}: served again after {:?} ({refused} refused in the reload window)", start.elapsed());
         a.mock.reset_stats();
