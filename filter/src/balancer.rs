@@ -75,9 +75,11 @@ pub enum Selection {
     Busy,
     /// Candidates were refused because the rate-limit service is down (`on_unavailable: deny`).
     GlobalUnavailable,
-    /// Candidate `index` passed its local checks; only the rate-limit service can admit it.
+    /// Candidate `index` passed its local checks; only the rate-limit service can admit it
+    /// (asking for `hits` slots).
     Ask {
         index: usize,
+        hits: u32,
     },
 }
 
@@ -213,6 +215,7 @@ pub fn select_with(
     }
     let now_s = now_ms / 1000;
     let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
+    let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
     while walk.k < n {
         let i = (walk.start + walk.k) % n;
         let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) else {
@@ -224,82 +227,87 @@ pub fn select_with(
             continue;
         }
         walk.serving += 1;
-        match check_ban(store, &key.ban, now_ms) {
-            BanCheck::Free => {}
-            BanCheck::Banned => {
-                walk.banned += 1;
-                walk.k += 1;
-                continue;
-            }
-            BanCheck::Unreadable => {
-                walk.busy += 1;
-                walk.k += 1;
-                continue;
-            }
-            BanCheck::Cooling(r) => {
-                walk.refused_for(r);
-                walk.k += 1;
-                continue;
-            }
+        if let Err(skip) = local_checks(store, cred, key, model_tpm, now_ms) {
+            walk.skip(skip);
+            walk.k += 1;
+            continue;
         }
-        if cred.tpm != Rpm::Unlimited || model_tpm.is_some_and(|(_, l)| l != Rpm::Unlimited) {
-            match read(store, &key.tokens, RateRecord::decode) {
-                Ok(Some(mut r)) => {
-                    r.prune(now_s);
-                    if let Err(wait) = r.check_tokens(now_s, cred.tpm, model_tpm) {
-                        walk.refused_for(wait);
-                        walk.k += 1;
-                        continue;
-                    }
-                }
-                // Unreadable or corrupt (reset when the next usage is charged): refused this once.
-                _ => {
-                    walk.busy += 1;
-                    walk.k += 1;
-                    continue;
-                }
-            }
-        }
-        let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
             return chosen(store, walk, n, i, 0);
         }
-        let gate = if cfg.global.is_some() {
-            // No call to the service for a key whose local window is full anyway.
-            match peek(store, key, cred.rpm, model_limit, now_s) {
-                Ok(()) => global.gate(i),
-                Err(e) => {
-                    walk.note(e);
-                    walk.k += 1;
-                    continue;
-                }
-            }
-        } else {
-            Gate::Pass
+        // No call to the service for a key whose local window is full anyway.
+        let gate = match &cfg.global {
+            None => Ok(Gate::Pass),
+            Some(_) => peek(store, key, cred.rpm, model_limit, now_s).map(|()| global.gate(i)),
         };
         match gate {
-            Gate::Ask => {
+            Ok(Gate::Ask(hits)) => {
                 walk.serving -= 1;
-                return Selection::Ask { index: i };
+                return Selection::Ask { index: i, hits };
             }
-            Gate::Refuse(r) => walk.refused_for(r),
-            Gate::Unavailable => walk.unavailable += 1,
-            Gate::Pass | Gate::Share => {
-                let share = if gate == Gate::Share { cfg.global.as_ref() } else { None };
-                match charge(store, cred, key, model_limit, share, now_s) {
-                    Ok(rpm_current) => return chosen(store, walk, n, i, rpm_current),
-                    Err(e) => walk.note(e),
-                }
-            }
+            Ok(gate) => match admit(store, cfg, cred, key, model_limit, gate, now_s) {
+                Ok(rpm_current) => return chosen(store, walk, n, i, rpm_current),
+                Err(skip) => walk.skip(skip),
+            },
+            Err(skip) => walk.skip(skip),
         }
         walk.k += 1;
     }
     finish(walk, exclude)
 }
 
+/// Ban, provider cooldown and TPM: the checks that need no charge.
+fn local_checks(
+    store: &dyn SharedStore,
+    cred: &Credential,
+    key: &StateKeys,
+    model_tpm: Option<(&str, Rpm)>,
+    now_ms: u64,
+) -> Result<(), Skip> {
+    match check_ban(store, &key.ban, now_ms) {
+        BanCheck::Free => {}
+        BanCheck::Banned => return Err(Skip::Banned),
+        BanCheck::Unreadable => return Err(Skip::Busy),
+        BanCheck::Cooling(r) => return Err(Skip::Wait(r)),
+    }
+    if cred.tpm != Rpm::Unlimited || model_tpm.is_some_and(|(_, l)| l != Rpm::Unlimited) {
+        let now_s = now_ms / 1000;
+        match read(store, &key.tokens, RateRecord::decode) {
+            Ok(Some(mut r)) => {
+                r.prune(now_s);
+                r.check_tokens(now_s, cred.tpm, model_tpm).map_err(Skip::Wait)?;
+            }
+            // Unreadable or corrupt (reset when the next usage is charged): refused this once.
+            _ => return Err(Skip::Busy),
+        }
+    }
+    Ok(())
+}
+
+/// Admits a candidate the global gate let through: charges its local windows (this replica's
+/// share of the limits while the service is down and `on_unavailable: local`).
+fn admit(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    cred: &Credential,
+    key: &StateKeys,
+    model_limit: Option<(&str, Rpm)>,
+    gate: Gate,
+    now_s: u64,
+) -> Result<u32, Skip> {
+    let share = match gate {
+        Gate::Pass => None,
+        Gate::Share => cfg.global.as_ref(),
+        Gate::Refuse(r) => return Err(Skip::Wait(r)),
+        Gate::Unavailable => return Err(Skip::Unavailable),
+        Gate::Ask(_) => return Err(Skip::Busy),
+    };
+    charge(store, cred, key, model_limit, share, now_s)
+}
+
 /// Goes on after the service answered about the candidate [`Selection::Ask`] named: `gate` is
-/// `Pass`/`Share` (charge its local windows), or a refusal (try the next one).
-/// `Err(())` from the charge means the local window refused a globally admitted slot.
+/// `Pass`/`Share` (charge its local windows), or a refusal (try the next one). The `bool` says
+/// a slot the service admitted went unused (the local window refused it meanwhile).
 #[allow(clippy::too_many_arguments)]
 pub fn resume(
     store: &dyn SharedStore,
@@ -316,38 +324,39 @@ pub fn resume(
     let i = (walk.start + walk.k) % n.max(1);
     walk.serving += 1;
     let mut unused = false;
-    match gate {
-        Gate::Pass | Gate::Share => {
-            if let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) {
-                let share = if gate == Gate::Share { cfg.global.as_ref() } else { None };
-                let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
-                match charge(store, cred, key, model_limit, share, now_ms / 1000) {
-                    Ok(rpm_current) => return (chosen(store, walk, n, i, rpm_current), false),
-                    Err(e) => {
-                        walk.note(e);
-                        unused = gate == Gate::Pass;
-                    }
-                }
+    if let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) {
+        let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
+        match admit(store, cfg, cred, key, model_limit, gate, now_ms / 1000) {
+            Ok(rpm_current) => return (chosen(store, walk, n, i, rpm_current), false),
+            Err(skip) => {
+                // Admitted by the service, refused by the local window meanwhile.
+                unused = gate == Gate::Pass;
+                walk.skip(skip);
             }
         }
-        Gate::Refuse(r) => walk.refused_for(r),
-        Gate::Unavailable => walk.unavailable += 1,
-        Gate::Ask => walk.busy += 1,
     }
     walk.k += 1;
     (select_with(store, cfg, keys, model, serves, &[], now_ms, walk, global), unused)
 }
 
-enum ChargeError {
-    Full(u64),
+/// Why a candidate was passed over.
+enum Skip {
+    Banned,
+    /// Contention, a host error, a corrupt record, too many models: ours, not a limit.
     Busy,
+    /// A limit or a provider cooldown: free again in this many seconds.
+    Wait(u64),
+    /// The rate-limit service is down (`on_unavailable: deny`).
+    Unavailable,
 }
 
 impl Walk {
-    fn note(&mut self, e: ChargeError) {
-        match e {
-            ChargeError::Full(r) => self.refused_for(r),
-            ChargeError::Busy => self.busy += 1,
+    fn skip(&mut self, s: Skip) {
+        match s {
+            Skip::Banned => self.banned += 1,
+            Skip::Busy => self.busy += 1,
+            Skip::Wait(r) => self.refused_for(r),
+            Skip::Unavailable => self.unavailable += 1,
         }
     }
 }
@@ -367,18 +376,18 @@ fn share_of(limit: Rpm, share: Option<&crate::config::GlobalLimits>) -> Rpm {
 }
 
 /// Whether the local windows would admit now, without charging them.
-fn peek(store: &dyn SharedStore, key: &StateKeys, rpm: Rpm, model_limit: Option<(&str, Rpm)>, now_s: u64) -> Result<(), ChargeError> {
+fn peek(store: &dyn SharedStore, key: &StateKeys, rpm: Rpm, model_limit: Option<(&str, Rpm)>, now_s: u64) -> Result<(), Skip> {
     match read(store, &key.rate, RateRecord::decode) {
         Ok(r) => {
             let mut r = r.unwrap_or_default();
             r.prune(now_s);
             match r.try_admit(now_s, rpm, model_limit) {
                 Ok(()) => Ok(()),
-                Err(Refused::Full { retry_after }) => Err(ChargeError::Full(retry_after)),
-                Err(Refused::TooManyModels) => Err(ChargeError::Busy),
+                Err(Refused::Full { retry_after }) => Err(Skip::Wait(retry_after)),
+                Err(Refused::TooManyModels) => Err(Skip::Busy),
             }
         }
-        Err(_) => Err(ChargeError::Busy),
+        Err(_) => Err(Skip::Busy),
     }
 }
 
@@ -391,7 +400,7 @@ fn charge(
     model_limit: Option<(&str, Rpm)>,
     share: Option<&crate::config::GlobalLimits>,
     now_s: u64,
-) -> Result<u32, ChargeError> {
+) -> Result<u32, Skip> {
     let rpm = share_of(cred.rpm, share);
     let model_limit = model_limit.map(|(m, l)| (m, share_of(l, share)));
     let outcome = cas_update(store, &key.rate, RateRecord::decode, RateRecord::encode, |r| {
@@ -403,9 +412,9 @@ fn charge(
     });
     match outcome {
         Ok(Ok(rpm_current)) => Ok(rpm_current),
-        Ok(Err(Refused::Full { retry_after })) => Err(ChargeError::Full(retry_after)),
+        Ok(Err(Refused::Full { retry_after })) => Err(Skip::Wait(retry_after)),
         // Refuse rather than risk over-admitting.
-        Ok(Err(Refused::TooManyModels)) | Err(_) => Err(ChargeError::Busy),
+        Ok(Err(Refused::TooManyModels)) | Err(_) => Err(Skip::Busy),
     }
 }
 

@@ -28,8 +28,8 @@ pub enum Gate {
     Refuse(u64),
     /// The service is down and `on_unavailable: deny`.
     Unavailable,
-    /// Only a call to the service can tell.
-    Ask,
+    /// Only a call to the service can tell; ask for this many slots.
+    Ask(u32),
 }
 
 /// What is kept about one credential, or one (credential, model), in shared data.
@@ -147,19 +147,11 @@ pub fn gate(store: &dyn SharedStore, g: &GlobalLimits, check: &Check<'_>, now_ms
     if full_until > now_ms {
         return Gate::Refuse(secs(full_until - now_ms));
     }
-    // Unreadable records: ask the service, which decides anyway.
-    Gate::Ask
-}
-
-/// How many slots to ask for: the lease, but no more than the service said were left in this
-/// window (fewer refusals burn quota, fewer spare slots go unused).
-pub fn hits(store: &dyn SharedStore, g: &GlobalLimits, check: &Check<'_>, now_ms: u64) -> u32 {
-    if g.lease <= 1 {
-        return 1;
-    }
-    match read(store, &check.pair_key, Record::decode) {
-        Ok(Some(r)) if r.lease_until_ms > now_ms => g.lease.min(r.remaining).max(1),
-        _ => g.lease,
+    // The lease, but no more than the service said were left in this window (fewer refusals
+    // burn quota, fewer spare slots go unused). Unreadable records: ask, the service decides.
+    match pair {
+        Some(r) if g.lease > 1 && r.lease_until_ms > now_ms => Gate::Ask(g.lease.min(r.remaining).max(1)),
+        _ => Gate::Ask(g.lease),
     }
 }
 

@@ -96,7 +96,7 @@ impl GlobalGate for Gatekeeper<'_> {
         let (Some(g), Some(key)) = (&self.rt.cfg.global, self.rt.keys.get(index)) else { return Gate::Pass };
         match Check::new(&self.rt.cfg, &key.global, index, self.model) {
             Some(check) => match global::gate(self.host, g, &check, self.now_ms) {
-                Gate::Ask if !self.may_ask => Gate::Refuse(1),
+                Gate::Ask(_) if !self.may_ask => Gate::Refuse(1),
                 gate => gate,
             },
             None => Gate::Pass,
@@ -525,11 +525,10 @@ impl Request {
         mut walk: Walk,
     ) -> HostResult<Action> {
         loop {
-            let Selection::Ask { index } = selection else { return self.finish_selection(rt, host, model, selection) };
+            let Selection::Ask { index, hits } = selection else { return self.finish_selection(rt, host, model, selection) };
             let (Some(g), Some(key)) = (&rt.cfg.global, rt.keys.get(index)) else { return Err(HostError(0)) };
             let Some(check) = Check::new(&rt.cfg, &key.global, index, model.as_deref()) else { return Err(HostError(0)) };
             let now = host.now_ms();
-            let hits = global::hits(host, g, &check, now);
             let message = global::request(g, &check, hits);
             match host.dispatch_grpc_call(crate::config::RLS_CLUSTER, rls::SERVICE, rls::METHOD, &message, g.timeout) {
                 Ok(token) => {

@@ -53,7 +53,7 @@ async fn request_hits_addend_takes_k_slots_and_the_overflowing_key_still_counts(
     assert_eq!(r.overall_code, OVER, "9 + 3 > 10");
     // STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT still increments the descriptor that overflows.
     let key = format!("p:dom_credential_a_{}", (now() / HOUR) * HOUR);
-    let v: u64 = redis.conn().get(&key).unwrap();
+    let v: u64 = conn(&redis).get(&key).unwrap();
     assert_eq!(v, 12);
     assert_eq!(d.stats()["hits"].as_u64(), Some(12));
 }
@@ -68,7 +68,7 @@ async fn descriptor_hits_addend_overrides_the_request_and_zero_only_checks() {
     let check = || vec![desc(&[("credential", "a")], Some((4, Unit::Hour)), Some(0))];
     let r = call(&mut c, req("dom", check(), 5)).await;
     assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 4), "check only: {r:?}");
-    assert_eq!(redis.conn().get::<_, Option<u64>>(&key).unwrap().unwrap_or(0), 0);
+    assert_eq!(conn(&redis).get::<_, Option<u64>>(&key).unwrap().unwrap_or(0), 0);
     // The per-descriptor value beats the request's hits_addend (2).
     let take3 = vec![desc(&[("credential", "a")], Some((4, Unit::Hour)), Some(3))];
     assert_eq!(call(&mut c, req("dom", take3, 2)).await.statuses[0].limit_remaining, 1);
@@ -77,7 +77,7 @@ async fn descriptor_hits_addend_overrides_the_request_and_zero_only_checks() {
     // Full (4 of 4): a check-only call is still OK with 0 left (upstream: OVER iff count > limit).
     let r = call(&mut c, req("dom", check(), 0)).await;
     assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
-    assert_eq!(redis.conn().get::<_, u64>(&key).unwrap(), 4);
+    assert_eq!(conn(&redis).get::<_, u64>(&key).unwrap(), 4);
     let s = d.stats();
     assert_eq!((s["calls"].as_u64(), s["hits"].as_u64(), s["descriptor_hits"].as_u64()), (Some(4), Some(10), Some(4)));
 }
@@ -94,7 +94,7 @@ async fn windows_are_fixed_and_aligned() {
     let reset = r.statuses[0].duration_until_reset.expect("duration_until_reset").seconds;
     assert!((60 - after % 60..=60 - before % 60).contains(&reset), "reset {reset} vs now%60 in {}..={}", before % 60, after % 60);
     let key = format!("t:dom_credential_a_model_m_{}", (before / 60) * 60);
-    let mut conn = redis.conn();
+    let mut conn = conn(&redis);
     assert_eq!(conn.get::<_, u64>(&key).unwrap(), 1, "key {key}");
     let ttl: i64 = conn.ttl(&key).unwrap();
     assert!((1..=60).contains(&ttl), "EXPIRE = the unit (no jitter): {ttl}");
@@ -125,7 +125,7 @@ async fn stop_flag_spares_the_other_keys_of_a_refused_request() {
         assert_eq!((nolimit.code, nolimit.current_limit.is_some(), nolimit.duration_until_reset.is_some()), (OK, false, false));
         let r = call(&mut c, req("dom", two(), 0)).await;
         assert_eq!((r.overall_code, r.statuses[0].code, r.statuses[1].code), (OVER, OK, OVER), "{prefix} second: {r:?}");
-        let mut conn = redis.conn();
+        let mut conn = conn(&redis);
         assert_eq!(conn.get::<_, u64>(format!("{prefix}dom_credential_c_{w}")).unwrap(), cred_after, "{prefix} credential key");
         assert_eq!(conn.get::<_, u64>(format!("{prefix}dom_credential_c_model_m_{w}")).unwrap(), 2, "{prefix} model key still counts");
         assert_eq!(r.statuses[0].limit_remaining as u64, 100 - cred_after);
