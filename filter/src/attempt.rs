@@ -92,24 +92,37 @@ pub fn read_plan(host: &dyn Host) -> HostResult<Option<Plan>> {
 #[derive(Debug, Default)]
 pub struct Head {
     pub status: u16,
-    pub content_type: Option<String>,
+    /// From `content-type`: how to read the body's usage (None: not read).
+    pub format: Option<crate::usage::Format>,
     pub hints: Hints,
 }
 
-/// The response's status, content-type and cooldown hints (only those that can matter for the
-/// status); a map the host can't give is status 0 (nothing to account).
+/// The response's status, body format and cooldown hints (only those that can matter for the
+/// status), in one pass over the map; a map the host can't give is status 0 (nothing to account).
 pub fn read_head(host: &dyn Host) -> Head {
     let Ok(map) = host.response_headers() else { return Head::default() };
-    let text = |n: &str| map.get(n).map(|v| String::from_utf8_lossy(v).into_owned());
-    let status = map.get(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok()).unwrap_or(0);
-    let hints = if status == 429 || status == 503 {
-        Hints { retry_after: text("retry-after"), reset_requests: text("x-ratelimit-reset-requests"), remaining_requests: None }
+    let (mut head, mut retry_after, mut reset, mut remaining) = (Head::default(), None, None, None);
+    for (name, value) in map.iter() {
+        match name {
+            b":status" => head.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+            b"content-type" if head.format.is_none() => {
+                head.format = std::str::from_utf8(value).ok().and_then(crate::usage::Format::from_content_type)
+            }
+            // The first of repeated headers, as Envoy's map lookup gives it.
+            b"retry-after" => retry_after = retry_after.or(Some(value)),
+            b"x-ratelimit-reset-requests" => reset = reset.or(Some(value)),
+            b"x-ratelimit-remaining-requests" => remaining = remaining.or(Some(value)),
+            _ => {}
+        }
+    }
+    let text = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
+    head.hints = if head.status == 429 || head.status == 503 {
+        Hints { retry_after: text(retry_after), reset_requests: text(reset), remaining_requests: None }
     } else {
-        let remaining = text("x-ratelimit-remaining-requests");
-        let reset = remaining.as_deref().is_some_and(|r| r.trim() == "0").then(|| text("x-ratelimit-reset-requests")).flatten();
-        Hints { retry_after: None, reset_requests: reset, remaining_requests: remaining }
+        let exhausted = remaining.is_some_and(|r| r.trim_ascii() == b"0");
+        Hints { retry_after: None, reset_requests: if exhausted { text(reset) } else { None }, remaining_requests: text(remaining) }
     };
-    Head { status, content_type: text("content-type"), hints }
+    head
 }
 
 pub fn write_plan(host: &dyn Host, plan: &Plan, next: &str) -> HostResult<()> {
@@ -219,15 +232,8 @@ impl Attempt {
         if !failed || matches!(outcome, Outcome::TimedOut) || attempts > server.max_provider_retries as usize {
             return;
         }
-        let selection = {
-            let idx = rt.index.borrow();
-            let model_aware = server.replace_v1_models;
-            let serves = |i: usize, m: &str| !model_aware || idx.serves(i, m);
-            let now = host.now_ms();
-            let mut gate = crate::request::Gatekeeper { rt, host, model: plan.model.as_deref(), now_ms: now, may_ask: false };
-            let mut walk = balancer::Walk::default();
-            balancer::select_with(host, &rt.cfg, &rt.keys, plan.model.as_deref(), &serves, &plan.tried_indices(), now, &mut walk, &mut gate)
-        };
+        // A retry's pick can't wait for the rate-limit service (`may_ask` false).
+        let selection = rt.select(host, plan.model.as_deref(), &plan.tried_indices(), &mut balancer::Walk::default(), false, host.now_ms());
         let next = match selection {
             Selection::Chosen { index: next, .. } => rt.cfg.credentials.get(next).map(|c| (next, c.name.as_str())),
             _ => None,

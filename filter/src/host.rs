@@ -36,12 +36,10 @@ pub trait Host: SharedStore {
     /// All request headers in one call (one host crossing instead of one per header), read in
     /// place (no allocation per header).
     fn request_headers(&self) -> HostResult<HeaderMap>;
-    fn request_header(&self, name: &str) -> HostResult<Option<Vec<u8>>>;
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()>;
     /// `len` bytes of the buffered request body from `start`.
     fn request_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>>;
-    fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>>;
     /// All response headers in one call, read in place.
     fn response_headers(&self) -> HostResult<HeaderMap>;
     /// `len` bytes of the response body chunk at hand (the filter never buffers responses).
@@ -113,11 +111,6 @@ impl HeaderMap {
             }
         }
         Ok(HeaderMap { bytes, n })
-    }
-
-    /// The first value of `name` (names are lower case in Envoy's maps).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| v)
     }
 
     /// (name, value) pairs in order.

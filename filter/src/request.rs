@@ -8,7 +8,7 @@
 
 use crate::attempt;
 use crate::auth;
-use crate::balancer::{self, GlobalGate, Selection, Walk};
+use crate::balancer::{self, Selection, Walk};
 use crate::body;
 use crate::body_scan;
 use crate::config::LogLevel;
@@ -78,30 +78,6 @@ struct Pending {
     model: Option<String>,
     dispatch_ms: u64,
     hits: u32,
-}
-
-/// The global gate over shared data. A request's first pick may ask the service; a retry's pick
-/// (`may_ask` false, in the upstream filter, which can't wait for a call) takes only keys it can
-/// admit without one: a leased slot, no global limit, or the service down and `allow`/`local`.
-pub(crate) struct Gatekeeper<'a> {
-    pub rt: &'a Runtime,
-    pub host: &'a dyn Host,
-    pub model: Option<&'a str>,
-    pub now_ms: u64,
-    pub may_ask: bool,
-}
-
-impl GlobalGate for Gatekeeper<'_> {
-    fn gate(&mut self, index: usize) -> Gate {
-        let (Some(g), Some(key)) = (&self.rt.cfg.global, self.rt.keys.get(index)) else { return Gate::Pass };
-        match Check::new(&self.rt.cfg, &key.global, index, self.model) {
-            Some(check) => match global::gate(self.host, g, &check, self.now_ms) {
-                Gate::Ask(_) if !self.may_ask => Gate::Refuse(1),
-                gate => gate,
-            },
-            None => Gate::Pass,
-        }
-    }
 }
 
 const INCLUDE_USAGE: &[u8] = b"include_usage";
@@ -234,7 +210,7 @@ impl Request {
             }
         }
         if (200..300).contains(&status) && self.model.is_some() {
-            match head.content_type.as_deref().and_then(usage::Format::from_content_type) {
+            match head.format {
                 Some(f) if self.wants_usage(rt, f) => self.usage = Some(Box::new(usage::UsageReader::new(f))),
                 Some(_) => self.usage_unscanned = true,
                 None => {}
@@ -504,13 +480,7 @@ impl Request {
     fn route_to(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>) -> HostResult<Action> {
         let now = host.now_ms();
         let mut walk = Walk::default();
-        let selection = {
-            let index = rt.index.borrow();
-            let model_aware = rt.cfg.server.replace_v1_models;
-            let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
-            let mut gate = Gatekeeper { rt, host, model: model.as_deref(), now_ms: now, may_ask: true };
-            balancer::select_with(host, &rt.cfg, &rt.keys, model.as_deref(), &serves, &[], now, &mut walk, &mut gate)
-        };
+        let selection = rt.select(host, model.as_deref(), &[], &mut walk, true, now);
         self.drive(rt, host, model, selection, walk)
     }
 
@@ -547,11 +517,7 @@ impl Request {
 }
 
 fn resume_walk(rt: &Runtime, host: &dyn Host, model: Option<&str>, walk: &mut Walk, gate: Gate, check: &Check<'_>, now: u64) -> Selection {
-    let index = rt.index.borrow();
-    let model_aware = rt.cfg.server.replace_v1_models;
-    let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
-    let mut keeper = Gatekeeper { rt, host, model, now_ms: now, may_ask: true };
-    let (selection, unused) = balancer::resume(host, &rt.cfg, &rt.keys, model, &serves, now, walk, gate, &mut keeper);
+    let (selection, unused) = rt.resume(host, model, walk, gate, now);
     if unused {
         global::give_back(host, check, now);
     }
@@ -566,37 +532,38 @@ impl Request {
             return;
         }
         let Some(p) = self.pending.take() else { return };
-        let Pending { mut walk, index, model, dispatch_ms, hits, .. } = *p;
-        let step = (|| {
-            let (Some(g), Some(key)) = (&rt.cfg.global, rt.keys.get(index)) else { return Err(HostError(0)) };
-            let Some(check) = Check::new(&rt.cfg, &key.global, index, model.as_deref()) else { return Err(HostError(0)) };
-            let now = host.now_ms();
-            let verdict = if status == 0 { host.grpc_response(size).ok().map(|b| rls::decode_reply(&b)) } else { None };
-            let gate = match verdict {
-                Some(Ok(v)) => {
-                    rt.increment(host, HotKey::GlobalChecks(if v.over { "over_limit" } else { "ok" }));
-                    global::on_verdict(host, &check, dispatch_ms, hits, &v)
-                }
-                failed => {
-                    rt.increment(host, HotKey::GlobalChecks("error"));
-                    rt.log(host, LogLevel::Warn, || match failed {
-                        Some(Err(e)) => {
-                            format!("auto-ai-router: the rate-limit service's reply is unusable ({e:?}); skipping it for a while")
-                        }
-                        _ => format!("auto-ai-router: the rate-limit service failed (gRPC status {status}); skipping it for a while"),
-                    });
-                    global::on_failure(host, g, now)
-                }
-            };
-            let selection = resume_walk(rt, host, model.as_deref(), &mut walk, gate, &check, now);
-            self.drive(rt, host, model, selection, walk)
-        })();
+        let step = self.global_reply(rt, host, *p, status, size);
         // A paused request goes on only when it was routed; a local reply ended it.
         if self.settle(Some(rt), host, step) == Action::Continue && self.pending.is_none() {
             if let Err(e) = host.resume_request() {
                 rt.log(host, LogLevel::Error, || format!("auto-ai-router: resuming the request failed with status {}", e.0));
             }
         }
+    }
+
+    /// The service's answer (or failure) for `p`'s candidate, then the rest of the selection.
+    fn global_reply(&mut self, rt: &Runtime, host: &dyn Host, p: Pending, status: u32, size: usize) -> HostResult<Action> {
+        let Pending { mut walk, index, model, dispatch_ms, hits, .. } = p;
+        let (Some(g), Some(key)) = (&rt.cfg.global, rt.keys.get(index)) else { return Err(HostError(0)) };
+        let Some(check) = Check::new(&rt.cfg, &key.global, index, model.as_deref()) else { return Err(HostError(0)) };
+        let now = host.now_ms();
+        let verdict = if status == 0 { host.grpc_response(size).ok().map(|b| rls::decode_reply(&b)) } else { None };
+        let gate = match verdict {
+            Some(Ok(v)) => {
+                rt.increment(host, HotKey::GlobalChecks(if v.over { "over_limit" } else { "ok" }));
+                global::on_verdict(host, &check, dispatch_ms, hits, &v)
+            }
+            failed => {
+                rt.increment(host, HotKey::GlobalChecks("error"));
+                rt.log(host, LogLevel::Warn, || match failed {
+                    Some(Err(e)) => format!("auto-ai-router: the rate-limit service's reply is unusable ({e:?}); skipping it for a while"),
+                    _ => format!("auto-ai-router: the rate-limit service failed (gRPC status {status}); skipping it for a while"),
+                });
+                global::on_failure(host, g, now)
+            }
+        };
+        let selection = resume_walk(rt, host, model.as_deref(), &mut walk, gate, &check, now);
+        self.drive(rt, host, model, selection, walk)
     }
 
     fn finish_selection(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>, selection: Selection) -> HostResult<Action> {

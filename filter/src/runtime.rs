@@ -2,10 +2,11 @@
 //! config, each credential's state keys and `Bearer` header, the model index, and the metric-id
 //! caches (so the request path neither builds nor hashes stat names).
 
-use crate::balancer::{self, StateKeys};
+use crate::balancer::{self, GlobalGate, Selection, StateKeys, Walk};
 use crate::config::{Config, LogLevel};
 use crate::cooldown::{self, Hints};
 use crate::fail2ban::BanEvent;
+use crate::global::{self, Check, Gate};
 use crate::host::{Host, MetricKind};
 use crate::metrics::{self, FxBuildHasher};
 use crate::models_index::ModelIndex;
@@ -52,6 +53,30 @@ pub enum HotKey {
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
     Overhead,
+}
+
+/// The global gate over shared data. A request's first pick may ask the service; a retry's pick
+/// (`may_ask` false, in the upstream filter, which can't wait for a call) takes only keys it can
+/// admit without one: a leased slot, no global limit, or the service down and `allow`/`local`.
+struct Gatekeeper<'a> {
+    rt: &'a Runtime,
+    host: &'a dyn Host,
+    model: Option<&'a str>,
+    now_ms: u64,
+    may_ask: bool,
+}
+
+impl GlobalGate for Gatekeeper<'_> {
+    fn gate(&mut self, index: usize) -> Gate {
+        let (Some(g), Some(key)) = (&self.rt.cfg.global, self.rt.keys.get(index)) else { return Gate::Pass };
+        match Check::new(&self.rt.cfg, &key.global, index, self.model) {
+            Some(check) => match global::gate(self.host, g, &check, self.now_ms) {
+                Gate::Ask(_) if !self.may_ask => Gate::Refuse(1),
+                gate => gate,
+            },
+            None => Gate::Pass,
+        }
+    }
 }
 
 impl Runtime {
@@ -243,6 +268,33 @@ impl Runtime {
             });
         }
         self.increment(host, HotKey::Requests(index, endpoint, status));
+    }
+
+    /// Picks a credential with this worker's model index and the global gate (`may_ask` false for
+    /// a retry's pick); see [`balancer::select_with`].
+    pub fn select(
+        &self,
+        host: &dyn Host,
+        model: Option<&str>,
+        exclude: &[usize],
+        walk: &mut Walk,
+        may_ask: bool,
+        now_ms: u64,
+    ) -> Selection {
+        let index = self.index.borrow();
+        let model_aware = self.cfg.server.replace_v1_models;
+        let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
+        let mut gate = Gatekeeper { rt: self, host, model, now_ms, may_ask };
+        balancer::select_with(host, &self.cfg, &self.keys, model, &serves, exclude, now_ms, walk, &mut gate)
+    }
+
+    /// Goes on with a selection the rate-limit service answered for; see [`balancer::resume`].
+    pub fn resume(&self, host: &dyn Host, model: Option<&str>, walk: &mut Walk, gate: Gate, now_ms: u64) -> (Selection, bool) {
+        let index = self.index.borrow();
+        let model_aware = self.cfg.server.replace_v1_models;
+        let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
+        let mut keeper = Gatekeeper { rt: self, host, model, now_ms, may_ask: true };
+        balancer::resume(host, &self.cfg, &self.keys, model, &serves, now_ms, walk, gate, &mut keeper)
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {

@@ -91,6 +91,12 @@ fn set_header(headers: &mut Vec<(String, Vec<u8>)>, name: &str, value: Option<&[
     }
 }
 
+/// Headers as the host hands them over (the ABI's serialized map).
+fn as_map(headers: &[(String, Vec<u8>)]) -> HostResult<HeaderMap> {
+    let map: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap_or("\u{fffd}"))).collect();
+    HeaderMap::parse(serialize_map(&map))
+}
+
 impl SharedStore for MemHost {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
         self.call("get_shared_data").map_err(|e| StoreError::Host(e.0))?;
@@ -114,14 +120,7 @@ impl Host for MemHost {
 
     fn request_headers(&self) -> HostResult<HeaderMap> {
         self.call("request_headers")?;
-        let h = self.request_headers.borrow();
-        let map: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap_or("\u{fffd}"))).collect();
-        HeaderMap::parse(serialize_map(&map))
-    }
-
-    fn request_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
-        self.call("request_header")?;
-        Ok(self.request_headers.borrow().iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        as_map(&self.request_headers.borrow())
     }
 
     fn set_request_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
@@ -140,16 +139,9 @@ impl Host for MemHost {
         Ok(out)
     }
 
-    fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
-        self.call("response_header")?;
-        Ok(self.response_headers.borrow().iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-    }
-
     fn response_headers(&self) -> HostResult<HeaderMap> {
         self.call("response_headers")?;
-        let h = self.response_headers.borrow();
-        let map: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap_or("\u{fffd}"))).collect();
-        HeaderMap::parse(serialize_map(&map))
+        as_map(&self.response_headers.borrow())
     }
 
     fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {

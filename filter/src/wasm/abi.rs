@@ -95,6 +95,17 @@ fn get_buffer(kind: u32, start: usize, max: usize) -> HostResult<Vec<u8>> {
     }
 }
 
+/// A whole header map in one call, read in place.
+fn get_map_pairs(map: u32) -> HostResult<HeaderMap> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: as in get_buffer.
+    let bytes = unsafe {
+        check(proxy_get_header_map_pairs(map, &mut data, &mut size))?;
+        owned(data, size)
+    };
+    HeaderMap::parse(bytes)
+}
+
 fn get_map_value(map: u32, key: &str) -> HostResult<Option<Vec<u8>>> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: as in get_buffer.
@@ -182,17 +193,7 @@ impl Host for WasmHost {
     }
 
     fn request_headers(&self) -> HostResult<HeaderMap> {
-        let (mut data, mut size) = (null_mut(), 0usize);
-        // SAFETY: as in get_buffer.
-        let bytes = unsafe {
-            check(proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size))?;
-            owned(data, size)
-        };
-        HeaderMap::parse(bytes)
-    }
-
-    fn request_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
-        get_map_value(REQUEST_HEADERS, name)
+        get_map_pairs(REQUEST_HEADERS)
     }
 
     fn set_request_header(&self, name: &str, value: Option<&[u8]>) -> HostResult<()> {
@@ -209,18 +210,8 @@ impl Host for WasmHost {
         get_buffer(REQUEST_BODY, start, len)
     }
 
-    fn response_header(&self, name: &str) -> HostResult<Option<Vec<u8>>> {
-        get_map_value(RESPONSE_HEADERS, name)
-    }
-
     fn response_headers(&self) -> HostResult<HeaderMap> {
-        let (mut data, mut size) = (null_mut(), 0usize);
-        // SAFETY: as in get_buffer.
-        let bytes = unsafe {
-            check(proxy_get_header_map_pairs(RESPONSE_HEADERS, &mut data, &mut size))?;
-            owned(data, size)
-        };
-        HeaderMap::parse(bytes)
+        get_map_pairs(RESPONSE_HEADERS)
     }
 
     fn response_body(&self, start: usize, len: usize) -> HostResult<Vec<u8>> {
