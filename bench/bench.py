@@ -299,12 +299,10 @@ def loaded_bootstrap(router_admin: int, admin_port: int, name: str) -> dict:
     return boot
 
 
-def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: int) -> Path:
-    """The router's bootstrap as Envoy loaded it, minus the wasm filter, with a static route."""
-    boot = loaded_bootstrap(router_admin, admin_port, "bench-plain")
-    first = next(iter(KEYS))
-    rewrites = 0
-    # No upstream filter (the router's retry layout puts one in every credential cluster).
+def listener_hcms(boot: dict, port: int):
+    """Moves a loaded bootstrap's listener to `port`, drops the clusters' upstream filters (the
+    router's retry layout puts one in every credential cluster), and yields each HTTP connection
+    manager config."""
     for cluster in boot["static_resources"]["clusters"]:
         for opts in cluster.get("typed_extension_protocol_options", {}).values():
             opts.pop("http_filters", None)
@@ -312,32 +310,40 @@ def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: in
         listener["address"]["socket_address"]["port_value"] = port
         for chain in listener["filter_chains"]:
             for f in chain["filters"]:
-                hcm = f["typed_config"]
-                if "http_filters" not in hcm:
-                    continue
-                hcm["http_filters"] = [
-                    h for h in hcm["http_filters"] if "filters.http.wasm" not in h.get("typed_config", {}).get("@type", "")
-                ]
-                for vh in hcm["route_config"]["virtual_hosts"]:
-                    # Routes that only match requests the filter routed (its filter state) go.
-                    vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
-                    for route in vh["routes"]:
-                        route.pop("typed_per_filter_config", None)
-                        route.pop("response_headers_to_remove", None)
-                        action = route.get("route")
-                        dynamic = action and (action.pop("cluster_header", None) or action.pop("inline_cluster_specifier_plugin", None))
-                        if action:
-                            action.pop("retry_policy", None)
-                        if dynamic:
-                            # What the router does for one credential, as static config.
-                            action["cluster"] = first
-                            action["host_rewrite_literal"] = f"127.0.0.1:{mock_port}"
-                            route["request_headers_to_add"] = [{
-                                "header": {"key": "authorization", "value": f"Bearer {KEYS[first]}"},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                            }]
-                            route["request_headers_to_remove"] = ["x-api-key", CLUSTER_HEADER]
-                            rewrites += 1
+                yield f["typed_config"]
+
+
+def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: int) -> Path:
+    """The router's bootstrap as Envoy loaded it, minus the wasm filter, with a static route."""
+    boot = loaded_bootstrap(router_admin, admin_port, "bench-plain")
+    first = next(iter(KEYS))
+    rewrites = 0
+    for hcm in listener_hcms(boot, port):
+        if "http_filters" not in hcm:
+            continue
+        hcm["http_filters"] = [
+            h for h in hcm["http_filters"] if "filters.http.wasm" not in h.get("typed_config", {}).get("@type", "")
+        ]
+        for vh in hcm["route_config"]["virtual_hosts"]:
+            # Routes that only match requests the filter routed (its filter state) go.
+            vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
+            for route in vh["routes"]:
+                route.pop("typed_per_filter_config", None)
+                route.pop("response_headers_to_remove", None)
+                action = route.get("route")
+                dynamic = action and (action.pop("cluster_header", None) or action.pop("inline_cluster_specifier_plugin", None))
+                if action:
+                    action.pop("retry_policy", None)
+                if dynamic:
+                    # What the router does for one credential, as static config.
+                    action["cluster"] = first
+                    action["host_rewrite_literal"] = f"127.0.0.1:{mock_port}"
+                    route["request_headers_to_add"] = [{
+                        "header": {"key": "authorization", "value": f"Bearer {KEYS[first]}"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }]
+                    route["request_headers_to_remove"] = ["x-api-key", CLUSTER_HEADER]
+                    rewrites += 1
     if rewrites == 0:
         raise BenchError("plain bootstrap: no filter-routed route (cluster_header or cluster specifier) in the router's bootstrap")
     path = WORK / "plain.json"
@@ -353,30 +359,23 @@ def floor_bootstrap(noretry_admin: int, port: int, admin_port: int, mock_port: i
     first = next(iter(KEYS))
     plugin = json.dumps({"cluster": first, "authorization": f"Bearer {KEYS[first]}", "authority": f"127.0.0.1:{mock_port}"})
     swapped = routes = 0
-    for cluster in boot["static_resources"]["clusters"]:
-        for opts in cluster.get("typed_extension_protocol_options", {}).values():
-            opts.pop("http_filters", None)
-    for listener in boot["static_resources"]["listeners"]:
-        listener["address"]["socket_address"]["port_value"] = port
-        for chain in listener["filter_chains"]:
-            for f in chain["filters"]:
-                hcm = f["typed_config"]
-                for h in hcm.get("http_filters", []):
-                    tc = h.get("typed_config", {})
-                    if "filters.http.wasm" not in tc.get("@type", ""):
-                        continue
-                    # Same filter name (routes that disable it still do), the floor's code and config.
-                    cfg = tc["config"]
-                    cfg["root_id"] = "bench_floor"
-                    cfg["vm_config"] = {"vm_id": "bench_floor", "runtime": cfg["vm_config"]["runtime"],
-                                        "code": {"local": {"filename": str(FLOOR_WASM)}}}
-                    cfg["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin}
-                    swapped += 1
-                for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
-                    # The floor sets no filter state; the path is not rewritten, so `/v1/` matches.
-                    vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
-                    routes += sum(1 for r in vh["routes"] if r.get("route", {}).get("cluster_header") == CLUSTER_HEADER
-                                  and r.get("match", {}).get("prefix") == "/v1/")
+    for hcm in listener_hcms(boot, port):
+        for h in hcm.get("http_filters", []):
+            tc = h.get("typed_config", {})
+            if "filters.http.wasm" not in tc.get("@type", ""):
+                continue
+            # Same filter name (routes that disable it still do), the floor's code and config.
+            cfg = tc["config"]
+            cfg["root_id"] = "bench_floor"
+            cfg["vm_config"] = {"vm_id": "bench_floor", "runtime": cfg["vm_config"]["runtime"],
+                                "code": {"local": {"filename": str(FLOOR_WASM)}}}
+            cfg["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin}
+            swapped += 1
+        for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
+            # The floor sets no filter state; the path is not rewritten, so `/v1/` matches.
+            vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
+            routes += sum(1 for r in vh["routes"] if r.get("route", {}).get("cluster_header") == CLUSTER_HEADER
+                          and r.get("match", {}).get("prefix") == "/v1/")
     if swapped != 1 or routes == 0:
         raise BenchError(f"floor bootstrap: expected one wasm filter and a /v1/ cluster_header route in the "
                          f"max_provider_retries: 0 bootstrap, found {swapped} and {routes}")
