@@ -8,3 +8,6 @@ pub mod private;
 pub mod render;
 pub mod run;
 pub mod sync;
+
+/// The filter crate, whose configuration types the prepared config is made of.
+pub use filter;

@@ -1,24 +1,29 @@
 //! The Envoy v3 bootstrap for a prepared configuration.
 //!
-//! Layout: one listener (HTTP connection manager) whose routes are `/metrics` → the admin
-//! interface's `/stats/prometheus`, `/health` and `/v1/` → the wasm router, anything else → 404
-//! JSON; one cluster per credential, named after it; an admin cluster; `stats_tags` that turn the
-//! filter's Istio-style stat names into Prometheus labels.
+//! Layout: one listener (HTTP connection manager) with one virtual host for the router, whose
+//! domains are `server.hosts` (`*` when empty; other hosts get Envoy's 404). Its routes: the
+//! routed route (any path of a request the filter routed, matched on the filter state the filter
+//! writes), `/metrics` → the admin interface's `/stats/prometheus`, `/health` (the filter answers
+//! it), `/v1/` before routing (no endpoint), anything else → 404 JSON; one cluster per credential,
+//! named after it; an admin cluster; `stats_tags` that turn the filter's Istio-style stat names
+//! into Prometheus labels.
 //!
-//! How `/v1/` picks its cluster depends on `server.max_provider_retries`:
-//! - 0: `cluster_header: x-auto-ai-router-cluster` (the filter sets it and clears the route cache);
-//!   no retry policy, no upstream filter.
-//! - N > 0: a matcher cluster specifier on the filter state the filter writes
-//!   ([`retry_contract::NEXT_FILTER_STATE`]), re-evaluated on every attempt
-//!   (`refresh_cluster_on_retry`), and the same `.wasm` as an upstream HTTP filter in every
-//!   credential cluster: it injects each attempt's key and, when an attempt fails, writes the next
-//!   credential and flags the response with [`retry_contract::RETRY_HEADER`], which the route retries
-//!   on (up to N times) and removes before the client. A header-based route would not change cluster
-//!   on retry (checked on Envoy 1.40).
+//! Routing never depends on a header: the filter writes the credential into filter state
+//! ([`retry_contract::NEXT_FILTER_STATE`]) and clears the route cache; a matcher cluster specifier
+//! on that filter state picks the cluster. The filter leaves `:authority` alone (Envoy's
+//! `auto_host_rewrite` sets each attempt's from the endpoint), so the route stays in the router's
+//! virtual host on a gateway where each host has its own.
+//!
+//! With `server.max_provider_retries` N > 0 the routed route retries (re-running the cluster
+//! specifier per attempt, `refresh_cluster_on_retry`), and the same `.wasm` runs as an upstream
+//! HTTP filter in every credential cluster: it injects each attempt's key and path and, when an
+//! attempt fails, writes the next credential and flags the response with
+//! [`retry_contract::RETRY_HEADER`], which the route retries on (up to N times) and removes before
+//! the client.
 
 use crate::prepare::{Prepared, ADMIN_CLUSTER, NO_CREDENTIAL_CLUSTER};
 use filter::config::RLS_CLUSTER;
-use filter::config::{Credential, LogLevel, Scheme};
+use filter::config::{Credential, HostMatch, LogLevel, Scheme};
 use serde_json::{json, Value};
 use std::net::IpAddr;
 
@@ -28,7 +33,8 @@ pub const VM_ID: &str = "auto_ai_router";
 /// reloads the VM, so one bad request does not leave the gateway answering 503 for good (see README).
 pub const FAILURE_POLICY: &str = "FAIL_RELOAD";
 pub use filter::retry_contract;
-pub use filter::CLUSTER_HEADER;
+/// Name of the route of requests the filter routed.
+pub const ROUTED_ROUTE: &str = "v1_routed";
 /// Name of the router's HTTP filter in the chain (and in `typed_per_filter_config`).
 pub const ROUTER_FILTER_NAME: &str = "auto_ai_router";
 /// Name of the upstream HTTP filter in each credential cluster (when retries are on).
@@ -224,43 +230,32 @@ fn cluster_specifier(p: &Prepared) -> Value {
     }})
 }
 
-/// The `/v1/` route, and the same route again as `v1_routed`, first in the list, matching any path
-/// of a request the filter has routed (its filter state is set). Envoy re-matches routes after the
-/// filter clears the route cache and, with `refresh_cluster_on_retry`, before every retry — both
-/// times on the path as rewritten for a credential (`base_url` path + client path, e.g.
-/// `/openai/v1/chat/completions`), which `/v1/` no longer matches (checked on Envoy 1.40: 404 from
-/// `not_found`). Filter state cannot come from a client, unlike a header: a path-independent route
-/// keyed on the cluster header would let a client send any path to a provider past the filter,
-/// which leaves paths outside `/v1/` untouched.
-fn v1_routes(p: &Prepared, timeout: String, body_limit: u64) -> [Value; 2] {
-    let v1 = v1_route(p, timeout, body_limit);
-    let mut routed = v1.clone();
-    routed["name"] = json!("v1_routed");
-    routed["match"] = json!({"prefix": "/", "filter_state": [{
-        "key": retry_contract::NEXT_FILTER_STATE,
-        "string_match": {"safe_regex": {"regex": ".+"}},
-    }]});
-    [routed, v1]
-}
-
-fn v1_route(p: &Prepared, timeout: String, body_limit: u64) -> Value {
+/// The route of every request the filter routed: first in the router's virtual host, matched on
+/// the filter state the filter writes ([`retry_contract::NEXT_FILTER_STATE`]), which no client can
+/// send, on any path. The filter keeps the client's `:authority` (so the virtual host stays the
+/// router's on a gateway with per-host virtual hosts) and may prefix `:path` with the base_url's
+/// path (this route matches any path); Envoy sets each attempt's `:authority` from the chosen
+/// endpoint's `hostname` (`auto_host_rewrite`, the credential's authority). The cluster comes from
+/// the same filter state (a matcher cluster specifier), re-read before each retry.
+fn routed_route(p: &Prepared, timeout: &str, body_limit: u64) -> Value {
     let mut route = json!({
-        "name": "v1",
-        "match": {"prefix": "/v1/"},
+        "name": ROUTED_ROUTE,
+        "match": {"prefix": "/", "filter_state": [{
+            "key": retry_contract::NEXT_FILTER_STATE,
+            "string_match": {"safe_regex": {"regex": ".+"}},
+        }]},
         "route": {
+            "inline_cluster_specifier_plugin": cluster_specifier(p),
+            "auto_host_rewrite": true,
             "timeout": timeout,
-            // Long SSE streams: no idle cut-off on this route (it overrides the listener's
-            // stream_idle_timeout; the route timeout bounds the request).
+            // Long SSE streams and long non-streaming generations: no idle cut-off once routed (the
+            // route timeout bounds the request).
             "idle_timeout": "0s",
         },
-        // The filter buffers the whole body before routing: allow max_body_size (plus slack).
-        // Retries replay the body from this buffer too, so every accepted body stays retryable.
+        // Retries replay the body from this buffer, so every accepted body stays retryable.
         "request_body_buffer_limit": body_limit,
-        // The cluster choice is internal: providers never see it.
-        "request_headers_to_remove": [CLUSTER_HEADER],
     });
     if retries_on(p) {
-        route["route"]["inline_cluster_specifier_plugin"] = cluster_specifier(p);
         route["route"]["retry_policy"] = json!({
             "retry_on": RETRY_ON,
             "retriable_headers": [{"name": retry_contract::RETRY_HEADER, "present_match": true}],
@@ -272,10 +267,52 @@ fn v1_route(p: &Prepared, timeout: String, body_limit: u64) -> Value {
         });
         // The retry flag is between the upstream filter and the router: never to the client.
         route["response_headers_to_remove"] = json!([retry_contract::RETRY_HEADER]);
-    } else {
-        route["route"]["cluster_header"] = json!(CLUSTER_HEADER);
     }
     route
+}
+
+/// `/v1/` before the filter routed the request: the route Envoy holds while the filter reads the
+/// body. It sets the body's buffer limit and the body-phase idle limit (a client that stalls mid
+/// upload is cut; once routed, [`routed_route`] turns the idle timer off). Its cluster has no
+/// endpoint: a request the filter did not route never reaches a provider (Envoy's 503).
+fn unrouted_v1_route(p: &Prepared, timeout: &str, body_limit: u64) -> Value {
+    let idle = p.config.server.body_idle_timeout.map(duration_ms).unwrap_or_else(|| "0s".into());
+    json!({
+        "name": "v1",
+        "match": {"prefix": "/v1/"},
+        "route": {"cluster": NO_CREDENTIAL_CLUSTER, "timeout": timeout, "idle_timeout": idle},
+        "request_body_buffer_limit": body_limit,
+    })
+}
+
+/// The router's virtual host `domains`: `server.hosts` as Envoy matches them (a name without a
+/// port also as `name:*`), or `*` when it is empty.
+pub fn domains(hosts: &[HostMatch]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |d: String| {
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    };
+    for h in hosts {
+        let bracket = |host: &str| if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        match h {
+            HostMatch::Any => return vec!["*".into()],
+            HostMatch::Exact { host, port: Some(port) } => push(format!("{}:{port}", bracket(host))),
+            HostMatch::Exact { host, port: None } => {
+                push(bracket(host));
+                push(format!("{}:*", bracket(host)));
+            }
+            HostMatch::Suffix { suffix, port: Some(port) } => push(format!("*{suffix}:{port}")),
+            // Envoy allows one wildcard per domain, so `*.example.com:*` can't be written; with a
+            // port, `*.example.com` requests need their `name:port` entry.
+            HostMatch::Suffix { suffix, port: None } => push(format!("*{suffix}")),
+        }
+    }
+    if out.is_empty() {
+        out.push("*".into());
+    }
+    out
 }
 
 fn routes(p: &Prepared) -> Vec<Value> {
@@ -283,9 +320,14 @@ fn routes(p: &Prepared) -> Vec<Value> {
     let timeout = p.config.server.request_timeout.map(duration_ms).unwrap_or_else(|| "0s".into());
     let body_limit = p.config.server.max_body_size_bytes + BODY_BUFFER_SLACK;
     let not_found = filter::errors::body(404, "Not found: the router serves /v1/*, /health and /metrics", Some("not_found"));
-    let [routed, v1] = v1_routes(p, timeout, body_limit);
+    // Reached only when the filter did not answer /health itself (it always does when it runs).
+    let unavailable = filter::errors::body(503, "The router is not running on this Envoy; see its log.", Some("router_unavailable"));
+    let json_type = json!([{
+        "header": {"key": "content-type", "value": "application/json"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }]);
     vec![
-        routed,
+        routed_route(p, &timeout, body_limit),
         json!({
             "name": "metrics",
             "match": {"path": "/metrics"},
@@ -295,18 +337,15 @@ fn routes(p: &Prepared) -> Vec<Value> {
         json!({
             "name": "health",
             "match": {"path": "/health"},
-            // The filter answers /health itself; the route only has to reach it.
-            "route": {"cluster_header": CLUSTER_HEADER, "timeout": "10s"},
+            "direct_response": {"status": 503, "body": {"inline_string": unavailable}},
+            "response_headers_to_add": json_type,
         }),
-        v1,
+        unrouted_v1_route(p, &timeout, body_limit),
         json!({
             "name": "not_found",
             "match": {"prefix": "/"},
             "direct_response": {"status": 404, "body": {"inline_string": not_found}},
-            "response_headers_to_add": [{
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }],
+            "response_headers_to_add": json_type,
             "typed_per_filter_config": disable_wasm(),
         }),
     ]
@@ -327,7 +366,7 @@ fn cel_filter(expression: &str) -> Value {
 /// wasm failure policy's 503 (a VM trap, or a worker whose VM is being reloaded), which Envoy
 /// sends with an empty body; matched on its response code details. The filter's own JSON replies
 /// match neither and pass unchanged.
-fn local_reply_config(retries: bool) -> Value {
+fn local_reply_config() -> Value {
     let mapper = |flags: &[&str], kind: &str, code: &str| {
         json!({
             "filter": {"response_flag_filter": {"flags": flags}},
@@ -337,20 +376,19 @@ fn local_reply_config(retries: bool) -> Value {
         })
     };
     let mut mappers = vec![mapper(&["UT"], "timeout_error", "upstream_timeout")];
-    if retries {
-        // The filter wrote NO_CREDENTIAL after a failure without a provider response (every
-        // other credential was tried or is unavailable): Envoy's 503 from the endpoint-less cluster.
-        mappers.push(json!({
-            "filter": {"and_filter": {"filters": [
-                {"response_flag_filter": {"flags": ["UH"]}},
-                cel_filter(&format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'")),
-            ]}},
-            "body_format_override": {"json_format": {"error": {
-                "message": "No credential is available: every credential that could serve this request failed or was already tried",
-                "type": "service_unavailable_error", "param": null, "code": "no_credential_available",
-            }}},
-        }));
-    }
+    // The filter wrote NO_CREDENTIAL after a failure without a provider response (every other
+    // credential was tried or is unavailable), or a request reached `/v1/` unrouted: Envoy's 503
+    // from the endpoint-less cluster.
+    mappers.push(json!({
+        "filter": {"and_filter": {"filters": [
+            {"response_flag_filter": {"flags": ["UH"]}},
+            cel_filter(&format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'")),
+        ]}},
+        "body_format_override": {"json_format": {"error": {
+            "message": "No credential is available: every credential that could serve this request failed or was already tried",
+            "type": "service_unavailable_error", "param": null, "code": "no_credential_available",
+        }}},
+    }));
     mappers.extend([
         mapper(&["UF", "UH", "UC", "URX", "UO", "NC", "UMSDR", "DC"], "service_unavailable_error", "upstream_unavailable"),
         json!({
@@ -400,9 +438,9 @@ fn listener(p: &Prepared, o: &RenderOptions) -> Value {
         },
         "route_config": {
             "name": "auto_ai_router",
-            "virtual_hosts": [{"name": "auto_ai_router", "domains": ["*"], "routes": routes(p)}],
+            "virtual_hosts": [{"name": "auto_ai_router", "domains": domains(&p.config.server.hosts), "routes": routes(p)}],
         },
-        "local_reply_config": local_reply_config(retries_on(p)),
+        "local_reply_config": local_reply_config(),
         "http_filters": http_filters(p, o),
     });
     if o.access_log.unwrap_or(level <= LogLevel::Info) {
@@ -424,6 +462,15 @@ fn listener(p: &Prepared, o: &RenderOptions) -> Value {
 
 fn endpoint_cluster(name: &str, host: &str, port: u16) -> Value {
     json!({"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}]})
+}
+
+/// A credential's endpoint, with `hostname` = the `:authority` the provider expects, which the
+/// routed route's `auto_host_rewrite` puts on every attempt to it.
+fn credential_endpoints(c: &Credential) -> Value {
+    json!({"cluster_name": c.name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+        "address": socket_address(&c.host, c.port),
+        "hostname": c.authority,
+    }}]}]})
 }
 
 /// The upstream HTTP filter chain of a credential cluster when retries are on: the same `.wasm`,
@@ -469,7 +516,7 @@ fn credential_cluster(c: &Credential, o: &RenderOptions, upstream: Option<&Value
         "name": c.name,
         "connect_timeout": duration(o.connect_timeout_secs),
         "type": if ip.is_some() { "STATIC" } else { "LOGICAL_DNS" },
-        "load_assignment": endpoint_cluster(&c.name, &c.host, c.port),
+        "load_assignment": credential_endpoints(c),
         "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT",
             "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000,
@@ -567,16 +614,14 @@ fn rls_cluster(g: &filter::config::GlobalLimits, o: &RenderOptions) -> Value {
 pub fn render(p: &Prepared, o: &RenderOptions) -> Value {
     let upstream = retries_on(p).then(|| upstream_filters(p, o));
     let mut clusters: Vec<Value> = p.config.credentials.iter().map(|c| credential_cluster(c, o, upstream.as_ref())).collect();
-    if upstream.is_some() {
-        clusters.push(json!({
-            "name": NO_CREDENTIAL_CLUSTER,
-            "connect_timeout": "1s",
-            "type": "STATIC",
-            "load_assignment": {"cluster_name": NO_CREDENTIAL_CLUSTER, "endpoints": []},
-            // Envoy counts the retry that lands here against this cluster's retry budget.
-            "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_RETRIES}]},
-        }));
-    }
+    clusters.push(json!({
+        "name": NO_CREDENTIAL_CLUSTER,
+        "connect_timeout": "1s",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": NO_CREDENTIAL_CLUSTER, "endpoints": []},
+        // Envoy counts the retry that lands here against this cluster's retry budget.
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_RETRIES}]},
+    }));
     if let Some(g) = &p.config.global {
         clusters.push(rls_cluster(g, o));
     }
@@ -662,15 +707,19 @@ mod tests {
         assert_eq!(at(&b, &format!("{HCM}/http2_protocol_options/max_concurrent_streams")), 100);
         assert_eq!(at(&b, &format!("{HCM}/http2_protocol_options/initial_stream_window_size")), 65536);
         assert_eq!(at(&b, &format!("{HCM}/http2_protocol_options/initial_connection_window_size")), 1048576);
-        // SSE: the /v1/ route alone turns the idle timer off.
-        assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "0s");
+        // While the body arrives (route `v1`) a stalled client is cut; once routed, long quiet SSE
+        // streams and generations are not.
+        assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "60s");
+        assert_eq!(route(&b, ROUTED_ROUTE)["route"]["idle_timeout"], "0s");
+        assert_eq!(route(&bootstrap_for("  body_idle_timeout: 1500ms\n"), "v1")["route"]["idle_timeout"], "1.500s");
+        assert_eq!(route(&bootstrap_for("  body_idle_timeout: -1\n"), "v1")["route"]["idle_timeout"], "0s");
         for r in ["metrics", "health", "not_found"] {
             assert!(route(&b, r).pointer("/route/idle_timeout").is_none(), "{r} overrides the listener's idle timeout");
         }
     }
 
     #[test]
-    fn the_v1_route_timeout_is_request_timeout_to_the_millisecond() {
+    fn the_route_timeout_is_request_timeout_to_the_millisecond() {
         for (setting, want) in [
             ("", "300s"), // the default, 5m
             ("  request_timeout: 1500ms\n", "1.500s"),
@@ -681,8 +730,7 @@ mod tests {
             ("  request_timeout: -1\n", "0s"),
         ] {
             let b = bootstrap_for(setting);
-            assert_eq!(route(&b, "v1")["route"]["timeout"], want, "{setting:?}");
-            assert_eq!(route(&b, "health")["route"]["timeout"], "10s");
+            assert_eq!(route(&b, ROUTED_ROUTE)["route"]["timeout"], want, "{setting:?}");
         }
     }
 
@@ -690,21 +738,46 @@ mod tests {
     fn routes_send_only_health_and_v1_through_the_filter() {
         let b = bootstrap_for("");
         assert_eq!(route(&b, "v1")["match"], json!({"prefix": "/v1/"}));
-        assert_eq!(route(&b, "v1")["request_headers_to_remove"], json!([CLUSTER_HEADER]));
+        // Unrouted, /v1/ reaches no provider: its cluster has no endpoint.
+        assert_eq!(route(&b, "v1")["route"]["cluster"], NO_CREDENTIAL_CLUSTER);
         assert_eq!(route(&b, "health")["match"], json!({"path": "/health"}));
+        // The filter answers /health; the route itself never goes upstream.
+        assert_eq!(at(route(&b, "health"), "/direct_response/status"), 503);
         assert_eq!(route(&b, "metrics")["route"]["prefix_rewrite"], "/stats/prometheus");
         let off = json!({"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true});
         for r in ["metrics", "not_found"] {
             assert_eq!(route(&b, r)["typed_per_filter_config"][ROUTER_FILTER_NAME], off, "{r}");
         }
-        let body = at(route(&b, "not_found"), "/direct_response/body/inline_string").as_str().unwrap();
-        let body: Value = serde_json::from_str(body).unwrap();
-        assert_eq!(body["error"]["type"], "not_found_error");
-        assert_eq!(body["error"]["code"], "not_found");
+        for r in ["not_found", "health"] {
+            let body = at(route(&b, r), "/direct_response/body/inline_string").as_str().unwrap();
+            let body: Value = serde_json::from_str(body).unwrap();
+            assert!(body["error"]["type"].is_string(), "{r}: {body}");
+        }
         let filter = at(&b, &format!("{HCM}/http_filters/0/typed_config/config"));
         assert_eq!(filter["allow_on_headers_stop_iteration"], true);
         assert_eq!(filter["failure_policy"], FAILURE_POLICY);
         assert_eq!(at(&b, &format!("{HCM}/http_filters/1/name")), "envoy.filters.http.router");
+    }
+
+    #[test]
+    fn the_virtual_host_serves_server_hosts_only() {
+        let vhost = |extra: &str| at(&bootstrap_for(extra), &format!("{HCM}/route_config/virtual_hosts/0/domains")).clone();
+        assert_eq!(vhost(""), json!(["*"]));
+        assert_eq!(
+            vhost("  hosts: [AI.example.com, \"api.example.com:8443\", \"*.corp.example\", \"[::1]\"]\n"),
+            json!(["ai.example.com", "ai.example.com:*", "api.example.com:8443", "*.corp.example", "[::1]", "[::1]:*"])
+        );
+        assert_eq!(vhost("  hosts: [a.example.com, \"*\"]\n"), json!(["*"]));
+        assert_eq!(vhost("  hosts: []\n"), json!(["*"]));
+    }
+
+    #[test]
+    fn no_route_takes_its_cluster_from_a_header() {
+        for setting in ["", "  max_provider_retries: 0\n"] {
+            let text = two_credentials(setting).to_string();
+            assert!(!text.contains("cluster_header"), "{setting:?}: {text}");
+            assert!(!text.contains("x-auto-ai-router-cluster"), "{setting:?}");
+        }
     }
 
     #[test]
@@ -722,10 +795,10 @@ mod tests {
         let cel = at(none, "/filter/and_filter/filters/1/extension_filter/typed_config/expression").as_str().unwrap();
         assert_eq!(cel, format!("xds.cluster_name == '{NO_CREDENTIAL_CLUSTER}'"));
         assert_eq!(at(none, "/body_format_override/json_format/error/code"), "no_credential_available");
+        // The same with retries off: a request that reached `/v1/` unrouted gets it too.
         let off = bootstrap_for("  max_provider_retries: 0\n");
         let off_mappers = at(&off, &format!("{HCM}/local_reply_config/mappers")).as_array().unwrap();
-        assert_eq!(off_mappers.len(), mappers.len() - 1);
-        assert!(off_mappers.iter().all(|m| m.pointer("/filter/and_filter").is_none()));
+        assert_eq!(off_mappers, mappers);
         let trap =
             mappers.iter().find(|m| m.pointer("/filter/extension_filter").is_some()).expect("a mapper for the wasm failure policy's 503");
         let cel = at(trap, "/filter/extension_filter/typed_config/expression").as_str().unwrap();
@@ -784,11 +857,10 @@ mod tests {
     const PROTO: &str = "/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
     #[test]
-    fn retries_on_route_through_the_filter_state_matcher_with_a_retry_policy() {
+    fn the_routed_route_follows_the_filter_state_with_a_retry_policy_when_retries_are_on() {
         let b = two_credentials("  max_provider_retries: 3\n");
-        let v1 = route(&b, "v1");
-        assert!(v1.pointer("/route/cluster_header").is_none(), "a cluster_header route does not change cluster on retry");
-        let spec = at(v1, "/route/inline_cluster_specifier_plugin/extension");
+        let routed = route(&b, ROUTED_ROUTE);
+        let spec = at(routed, "/route/inline_cluster_specifier_plugin/extension");
         assert_eq!(spec["name"], "envoy.router.cluster_specifier_plugin.matcher");
         let tree = at(spec, "/typed_config/cluster_matcher/matcher_tree");
         assert_eq!(
@@ -808,19 +880,29 @@ mod tests {
         let none = clusters(&b).iter().find(|c| c["name"] == NO_CREDENTIAL_CLUSTER).expect("the no-credential cluster");
         assert_eq!(at(none, "/load_assignment/endpoints"), &json!([]));
         assert!(at(spec, "/typed_config/cluster_matcher").get("on_no_match").is_none());
+        assert_eq!(at(routed, "/route/auto_host_rewrite"), true);
 
-        let policy = at(v1, "/route/retry_policy");
+        let policy = at(routed, "/route/retry_policy");
         assert_eq!(policy["retry_on"], "retriable-headers,connect-failure,reset-before-request,reset");
         assert_eq!(policy["retriable_headers"], json!([{"name": retry_contract::RETRY_HEADER, "present_match": true}]));
         assert_eq!(policy["num_retries"], 3);
         assert_eq!(policy["refresh_cluster_on_retry"], true);
         assert_eq!(policy["retry_back_off"], json!({"base_interval": "0.001s", "max_interval": "0.002s"}));
-        assert_eq!(v1["response_headers_to_remove"], json!([retry_contract::RETRY_HEADER]));
-        assert_eq!(v1["request_headers_to_remove"], json!([CLUSTER_HEADER]));
+        assert_eq!(routed["response_headers_to_remove"], json!([retry_contract::RETRY_HEADER]));
         // Retries replay the body from the route's buffer: it holds every accepted body.
-        assert_eq!(v1["request_body_buffer_limit"], json!(100 * 1024 * 1024 + BODY_BUFFER_SLACK));
+        assert_eq!(routed["request_body_buffer_limit"], json!(100 * 1024 * 1024 + BODY_BUFFER_SLACK));
+        assert_eq!(route(&b, "v1")["request_body_buffer_limit"], routed["request_body_buffer_limit"], "the body is buffered before routing");
         // The default is 2.
-        assert_eq!(at(route(&two_credentials(""), "v1"), "/route/retry_policy/num_retries"), 2);
+        assert_eq!(at(route(&two_credentials(""), ROUTED_ROUTE), "/route/retry_policy/num_retries"), 2);
+    }
+
+    #[test]
+    fn each_endpoint_names_the_authority_its_provider_expects() {
+        let b = two_credentials("");
+        for (name, authority) in [("a", "api.example.com"), ("b.2", "127.0.0.1:9000")] {
+            let c = clusters(&b).iter().find(|c| c["name"] == name).unwrap();
+            assert_eq!(at(c, "/load_assignment/endpoints/0/lb_endpoints/0/endpoint/hostname"), authority, "{name}");
+        }
     }
 
     #[test]
@@ -872,22 +954,18 @@ mod tests {
 
     #[test]
     fn a_routed_request_keeps_its_route_on_any_path() {
-        for (setting, cluster_header) in [("", false), ("  max_provider_retries: 0\n", true)] {
+        for setting in ["", "  max_provider_retries: 0\n"] {
             let b = two_credentials(setting);
             let routes = at(&b, &format!("{HCM}/route_config/virtual_hosts/0/routes")).as_array().unwrap();
             // First, so a prefixed path (/prefix/v1/...) after the filter's rewrite or before a
             // retry still finds it; keyed on filter state, which only the filter writes.
             let routed = &routes[0];
-            assert_eq!(routed["name"], "v1_routed", "{setting:?}");
+            assert_eq!(routed["name"], ROUTED_ROUTE, "{setting:?}");
             assert_eq!(
                 routed["match"],
                 json!({"prefix": "/", "filter_state": [{"key": retry_contract::NEXT_FILTER_STATE, "string_match": {"safe_regex": {"regex": ".+"}}}]})
             );
-            let v1 = route(&b, "v1");
-            for field in ["route", "request_body_buffer_limit", "request_headers_to_remove", "response_headers_to_remove"] {
-                assert_eq!(routed.get(field), v1.get(field), "{setting:?}: {field}");
-            }
-            assert_eq!(routed.pointer("/route/cluster_header").is_some(), cluster_header);
+            assert!(routed.pointer("/route/inline_cluster_specifier_plugin").is_some(), "{setting:?}");
             // Never a route any client header can reach on any path.
             for r in routes {
                 assert!(r.pointer("/match/headers").is_none(), "{r}");
@@ -898,28 +976,16 @@ mod tests {
     #[test]
     fn retries_off_render_nothing_retry_related() {
         let b = two_credentials("  max_provider_retries: 0\n");
-        let v1 = route(&b, "v1");
-        assert_eq!(v1["route"]["cluster_header"], CLUSTER_HEADER);
-        assert!(v1.pointer("/route/retry_policy").is_none(), "{v1}");
-        assert!(v1.pointer("/route/inline_cluster_specifier_plugin").is_none());
-        assert!(v1.get("response_headers_to_remove").is_none());
-        assert_eq!(v1["request_headers_to_remove"], json!([CLUSTER_HEADER]));
+        let routed = route(&b, ROUTED_ROUTE);
+        assert!(routed.pointer("/route/retry_policy").is_none(), "{routed}");
+        assert!(routed.get("response_headers_to_remove").is_none());
         for c in clusters(&b) {
             assert!(c.pointer(&format!("{PROTO}/http_filters")).is_none(), "{}", c["name"]);
-            assert_ne!(c["name"], NO_CREDENTIAL_CLUSTER);
         }
         let text = b.to_string();
-        for needle in [
-            retry_contract::UPSTREAM_ROOT_ID,
-            retry_contract::RETRY_HEADER,
-            "retry_policy",
-            "upstream_codec",
-            "cluster_specifier",
-            NO_CREDENTIAL_CLUSTER,
-        ] {
+        for needle in [retry_contract::UPSTREAM_ROOT_ID, retry_contract::RETRY_HEADER, "retry_policy", "upstream_codec"] {
             assert!(!text.contains(needle), "{needle} in a bootstrap without retries");
         }
-        assert_eq!(route(&b, "health")["route"]["cluster_header"], CLUSTER_HEADER);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! downstream, so a stream is never restarted.
 //!
 //! Header edits persist from one attempt into the next, so every attempt rebuilds
-//! `authorization`, `:authority` and `:path` from the plan (the client's original path), never
+//! `authorization` and `:path` from the plan (the client's original path), never
 //! from what the previous attempt left.
 
 use crate::balancer::{self, Selection};
@@ -176,7 +176,7 @@ impl Attempt {
             return Ok(self.refuse(host));
         };
         host.set_request_header("authorization", Some(bearer.as_bytes()))?;
-        host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
+        // `:authority` comes from the attempt's endpoint (the route's `auto_host_rewrite`).
         let path = format!("{}{}", cred.path_prefix, plan.path);
         host.set_request_header(":path", Some(path.as_bytes()))?;
         self.endpoint = endpoints::label(&plan.path);

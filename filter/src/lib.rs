@@ -3,18 +3,14 @@
 //! only for wasm32.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-/// The request header the Envoy route's `cluster_header` reads: the filter sets it to the chosen
-/// credential's cluster; client-sent copies are removed.
-pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
-
-/// Retries on another credential (`server.max_provider_retries` > 0): the contract between the
-/// filter and the rendered bootstrap.
+/// Routing and retries on another credential: the contract between the filter and the rendered
+/// bootstrap.
 pub mod retry_contract {
     /// Root id of the same `.wasm` running as an upstream HTTP filter in every credential cluster.
     pub const UPSTREAM_ROOT_ID: &str = "auto_ai_router_upstream";
     /// `set_property` path of the credential the next attempt goes to; Envoy keeps it as filter
-    /// state under [`NEXT_FILTER_STATE`], which the route's matcher cluster specifier reads
-    /// (with `refresh_cluster_on_retry`, on every attempt).
+    /// state under [`NEXT_FILTER_STATE`], which the routed route matches on and its matcher
+    /// cluster specifier reads (with retries, `refresh_cluster_on_retry`: on every attempt).
     pub const NEXT_PROPERTY: &str = "auto_ai_router_next";
     pub const NEXT_FILTER_STATE: &str = "wasm.auto_ai_router_next";
     /// The value written when no credential is left: matches no cluster (Envoy answers 503).

@@ -21,7 +21,6 @@ use crate::rls;
 use crate::runtime::{HotKey, Runtime};
 use crate::upstream_status;
 use crate::usage;
-use crate::CLUSTER_HEADER;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 /// Most body bytes copied into the VM at once.
@@ -126,8 +125,8 @@ struct Seen<'a> {
     path: &'a str,
     authority: &'a str,
     authorization: Option<&'a [u8]>,
-    /// Headers a client must never get through: the internal routing header, its own `x-api-key`.
-    forbidden: Vec<&'static str>,
+    /// A client's own `x-api-key` (a key it must never send upstream through the router).
+    api_key: bool,
     #[cfg(feature = "fault-injection")]
     fault: bool,
 }
@@ -144,14 +143,12 @@ fn seen(map: &HeaderMap) -> Seen<'_> {
             b":path" => s.path = text(value),
             b":authority" => s.authority = text(value),
             b"authorization" => s.authorization = Some(value),
-            n if n == CLUSTER_HEADER.as_bytes() => s.forbidden.push(CLUSTER_HEADER),
-            b"x-api-key" => s.forbidden.push("x-api-key"),
+            b"x-api-key" => s.api_key = true,
             #[cfg(feature = "fault-injection")]
             b"x-auto-ai-router-fault" => s.fault = value == b"trap",
             _ => {}
         }
     }
-    s.forbidden.dedup();
     s
 }
 
@@ -197,7 +194,7 @@ impl Request {
             let details = host.property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
             upstream_status::effective_status(status, &String::from_utf8_lossy(&details))
         } else {
-            status
+            Some(status)
         };
         if rt.retries_on() {
             // The upstream filter accounted every attempt; the answer is the last credential's.
@@ -219,7 +216,13 @@ impl Request {
         if rt.retries_on() {
             return Action::Continue;
         }
-        rt.account(host, index, self.endpoint, counted, &head.hints);
+        match counted {
+            Some(status) => rt.account(host, index, self.endpoint, status, &head.hints),
+            None => {
+                rt.increment(host, HotKey::Rejections("upstream_overflow"));
+                rt.log(host, LogLevel::Warn, || format!("auto-ai-router: {} overflowed a circuit breaker of its credential's cluster (Envoy's 503, not the provider's)", self.endpoint));
+            }
+        }
         if let Some(model) = &self.model {
             rt.count_model(host, index, model);
         }
@@ -385,9 +388,9 @@ impl Request {
         }
         self.endpoint = endpoints::label(seen.path);
         self.path = seen.path.to_string();
-        // On the router's own routes a client must never pick the cluster, nor send a key upstream.
-        for name in &seen.forbidden {
-            host.set_request_header(name, None)?;
+        // On the router's own routes a client must never send a key upstream.
+        if seen.api_key {
+            host.set_request_header("x-api-key", None)?;
         }
         let Some(rt) = rt else {
             return Ok(self.reply(
@@ -571,25 +574,23 @@ impl Request {
             // The RPM gauge is refreshed on the 1 s tick from shared data (not per request).
             Selection::Chosen { index, .. } => {
                 let (Some(cred), Some(bearer)) = (rt.cfg.credentials.get(index), rt.bearer.get(index)) else { return Err(HostError(0)) };
+                // `:authority` stays the client's: the route is re-picked after the cache is cleared,
+                // and on a gateway with a virtual host per host name the provider's name would pick
+                // another app's (Envoy sets the provider's authority per attempt, from the endpoint).
                 if rt.retries_on() {
-                    // The upstream filter sets each attempt's key, authority and path; here the
-                    // master key only has to go (so it can't leave Envoy whatever the bootstrap).
+                    // The upstream filter sets each attempt's key and path; here the master key
+                    // only has to go (so it can't leave Envoy whatever the bootstrap).
                     host.set_request_header("authorization", None)?;
-                } else {
-                    host.set_request_header("authorization", Some(bearer.as_bytes()))?;
-                    host.set_request_header(":authority", Some(cred.authority.as_bytes()))?;
-                    if !cred.path_prefix.is_empty() {
-                        let path = format!("{}{}", cred.path_prefix, self.path);
-                        host.set_request_header(":path", Some(path.as_bytes()))?;
-                    }
-                }
-                host.set_request_header(CLUSTER_HEADER, Some(cred.name.as_bytes()))?;
-                if rt.retries_on() {
                     let plan =
                         attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone(), start_ms: self.start_ms };
                     attempt::write_plan(host, &plan, &cred.name)?;
                 } else {
-                    // The route that accepts the credential's rewritten path matches on it.
+                    host.set_request_header("authorization", Some(bearer.as_bytes()))?;
+                    if !cred.path_prefix.is_empty() {
+                        let path = format!("{}{}", cred.path_prefix, self.path);
+                        host.set_request_header(":path", Some(path.as_bytes()))?;
+                    }
+                    // The routed route matches on it (any path) and its cluster specifier reads it.
                     host.set_property(crate::retry_contract::NEXT_PROPERTY, cred.name.as_bytes())?;
                 }
                 host.clear_route_cache()?;

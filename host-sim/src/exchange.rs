@@ -90,8 +90,8 @@ pub struct Forwarded {
     pub body: Vec<u8>,
     /// Request trailers as released (None: the request had none).
     pub trailers: Option<Vec<(String, String)>>,
-    /// The cluster the route picked: the `x-auto-ai-router-cluster` value (or the filter-state
-    /// key set with [`crate::Host::route_by_filter_state`]) when the route was (re)computed —
+    /// The cluster the route picked: the value of the filter-state key of
+    /// [`crate::Host::route_by_filter_state`] when the route was (re)computed —
     /// at stream start, or at release if the filter cleared the route cache. For an upstream
     /// attempt: its cluster.
     pub cluster: Option<String>,

@@ -55,7 +55,7 @@ pub use exchange::{Exchange, Forwarded, Outcome, Request, Response, UpstreamFail
 pub use load::default_wasm_path;
 pub use state::{CallReply, GrpcCallRecord, GrpcReply, HttpCallRecord, LogEntry, LogLevel, MetricType};
 pub use stream::StreamKind;
-pub use vm::{flags, FilterState, CLUSTER_HEADER, WASM_STATE_PREFIX};
+pub use vm::{flags, FilterState, ROUTE_FILTER_STATE, WASM_STATE_PREFIX};
 
 use load::Loaded;
 use state::HostInner;
@@ -205,9 +205,9 @@ impl Host {
     pub fn set_filter_state_keys(&self, keys: Option<&[&str]>) {
         *self.inner.filter_state_keys.lock().unwrap() = keys.map(|k| k.iter().map(|s| s.to_string()).collect());
     }
-    /// Route by filter state (a matcher cluster specifier on `key`, e.g. `wasm.air_next`): when
-    /// the route is (re)computed and the request's filter state has `key`, its value is the
-    /// cluster; otherwise the cluster header decides. None (the default): the header only.
+    /// Route by filter state (a matcher cluster specifier on `key`): when the route is
+    /// (re)computed and the request's filter state has `key`, its value is the cluster; otherwise
+    /// there is none. The default is [`ROUTE_FILTER_STATE`], as the rendered bootstrap routes.
     pub fn route_by_filter_state(&self, key: Option<&str>) {
         *self.inner.route_filter_state_key.lock().unwrap() = key.map(str::to_string);
     }

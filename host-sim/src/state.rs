@@ -274,7 +274,7 @@ impl HostInner {
             grpc_calls: Mutex::new(Vec::new()),
             grpc_cancels: Mutex::new(Vec::new()),
             filter_state_keys: Mutex::new(None),
-            route_filter_state_key: Mutex::new(None),
+            route_filter_state_key: Mutex::new(Some(crate::vm::ROUTE_FILTER_STATE.to_string())),
             properties: Mutex::new(HashMap::new()),
             log_level: Mutex::new(LogLevel::Trace),
             buffer_limit: Mutex::new(None),

@@ -4,7 +4,7 @@
 //! or an upstream-filter attempt.
 
 use crate::exchange::{describe, find, owned, Exchange, Forwarded, Outcome, Request, Response, UpstreamFailure};
-use crate::vm::{flags, FilterState, Headers, Phase, CLUSTER_HEADER};
+use crate::vm::{flags, FilterState, Headers, Phase};
 use crate::Vm;
 use std::collections::HashMap;
 
@@ -156,7 +156,8 @@ impl Vm {
                 s.cluster = Some(cluster.clone());
                 s.props.insert("xds.cluster_name".into(), cluster.into_bytes());
             }
-            None => s.route = Some(find(&s.req_headers, CLUSTER_HEADER).map(str::to_string)),
+            // Nothing in filter state yet: no cluster until the filter routes (and clears the cache).
+            None => s.route = Some(None),
         }
         s.props.extend(req.properties);
         st.streams.insert(ctx, s);
@@ -260,10 +261,8 @@ impl Vm {
     /// The route's cluster when it is (re)computed.
     fn route_cluster(&self, s: &Stream) -> Option<String> {
         let key = self.host.inner.route_filter_state_key.lock().unwrap().clone();
-        if let Some(v) = key.and_then(|k| self.store.data().filter_states.get(&s.fs_owner)?.get(&k).cloned()) {
-            return Some(String::from_utf8_lossy(&v).into_owned());
-        }
-        find(&s.req_headers, CLUSTER_HEADER).map(str::to_string)
+        let v = key.and_then(|k| self.store.data().filter_states.get(&s.fs_owner)?.get(&k).cloned())?;
+        Some(String::from_utf8_lossy(&v).into_owned())
     }
 
     /// Applies what the filter asked for during its last callback (Envoy runs these after the

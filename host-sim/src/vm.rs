@@ -22,8 +22,8 @@ pub mod flags {
     pub const UPSTREAM_CONNECTION_FAILURE: i64 = 0x20;
 }
 
-/// The request header the router's `cluster_header` route reads.
-pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
+/// The filter-state key the rendered bootstrap routes on (the filter's `auto_ai_router_next`).
+pub const ROUTE_FILTER_STATE: &str = "wasm.auto_ai_router_next";
 
 /// Envoy's `CelStateKeyPrefix`: `proxy_set_property(path)` writes filter state `wasm.<path>`.
 pub const WASM_STATE_PREFIX: &str = "wasm.";

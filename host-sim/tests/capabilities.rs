@@ -181,12 +181,12 @@ fn filter_state_keys_and_routing_by_filter_state() {
     assert_eq!(ex.cluster(), Some("v1"));
     assert_eq!(ex.expect_forwarded().route_cache_clears, 1);
 
-    // a key without an object factory: NotFound, nothing written, routing falls back to the header
+    // a key without an object factory: NotFound, nothing written, no cluster (no route reads a header)
     host.set_filter_state_keys(Some(&["envoy.other"]));
     host.clear_logs();
-    let ex = vm.send(Request::new(&[(":method", "GET"), (":path", "/"), (CLUSTER_HEADER, "hdr")]));
+    let ex = vm.send(Request::new(&[(":method", "GET"), (":path", "/"), ("x-auto-ai-router-cluster", "hdr")]));
     assert!(has(&drain(&host, 0), "fs=1"));
-    assert_eq!(ex.cluster(), Some("hdr"));
+    assert_eq!(ex.cluster(), None);
     assert!(!ex.expect_forwarded().filter_state.contains_key("envoy.test.key"));
 }
 

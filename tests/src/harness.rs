@@ -157,8 +157,25 @@ pub struct Options {
     pub envoy_log_level: String,
     /// Listen on this port instead of a free one; a port clash is then an error, not retried.
     pub listen_port: Option<u16>,
-    /// Applied to the rendered bootstrap (as data) before it is written, e.g. to shorten a timeout.
-    pub edit_bootstrap: Option<fn(&mut Value)>,
+    /// Applied to the rendered bootstrap (as data) before it is written, e.g. to shorten a timeout
+    /// or to reshape it as a gateway would be.
+    pub edit_bootstrap: Option<BootstrapEdit>,
+}
+
+/// An edit of the rendered bootstrap ([`Options::edit_bootstrap`]).
+#[derive(Clone)]
+pub struct BootstrapEdit(pub std::sync::Arc<dyn Fn(&mut Value) + Send + Sync>);
+
+impl BootstrapEdit {
+    pub fn new(f: impl Fn(&mut Value) + Send + Sync + 'static) -> BootstrapEdit {
+        BootstrapEdit(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for BootstrapEdit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BootstrapEdit(..)")
+    }
 }
 
 impl Default for Options {
@@ -240,6 +257,13 @@ impl Router {
         )
         .map_err(|e| (format!("the test config does not load: {e}\n{config_yaml}"), false))?;
         let (port, admin_port) = (o.listen_port.unwrap_or_else(free_port), free_port());
+        // With `server.hosts` the router's virtual host answers only those names.
+        let health_host = p.config.server.hosts.iter().find_map(|h| match h {
+            auto_ai_router::filter::config::HostMatch::Exact { host, port: Some(p) } => Some(format!("{host}:{p}")),
+            auto_ai_router::filter::config::HostMatch::Exact { host, port: None } => Some(host.clone()),
+            auto_ai_router::filter::config::HostMatch::Suffix { suffix, port } => Some(format!("x{suffix}{}", port.map(|p| format!(":{p}")).unwrap_or_default())),
+            auto_ai_router::filter::config::HostMatch::Any => None,
+        });
         let ro = auto_ai_router::render::RenderOptions {
             wasm_path: wasm.display().to_string(),
             listen_address: "127.0.0.1".into(),
@@ -250,8 +274,8 @@ impl Router {
             ..Default::default()
         };
         let mut bootstrap_value = auto_ai_router::render::render(&p, &ro);
-        if let Some(edit) = o.edit_bootstrap {
-            edit(&mut bootstrap_value);
+        if let Some(edit) = &o.edit_bootstrap {
+            (edit.0)(&mut bootstrap_value);
         }
         let text = auto_ai_router::render::to_yaml(&p, &bootstrap_value);
         let bootstrap = dir.join("envoy.yaml");
@@ -303,8 +327,12 @@ impl Router {
                 r.cleanup(false);
                 return Err((msg, retry));
             }
+            let mut health = Request::get("/health");
+            if let Some(h) = &health_host {
+                health = health.host(h);
+            }
             let ready = Request::get("/ready").send(r.admin).map(|x| x.status == 200).unwrap_or(false)
-                && Request::get("/health").send(r.addr).map(|x| x.status == 200 || x.status == 503).unwrap_or(false);
+                && health.send(r.addr).map(|x| x.status == 200 || x.status == 503).unwrap_or(false);
             if ready {
                 return Ok(r);
             }

@@ -70,11 +70,13 @@ pub struct Request {
     pub content_length: bool,
     /// Send the body with `Transfer-Encoding: chunked` in these pieces, pausing between them.
     pub chunked: Option<(Vec<Vec<u8>>, Duration)>,
+    /// The `Host` header (default: the address the request is sent to).
+    pub host: Option<String>,
 }
 
 impl Request {
     pub fn new(method: &str, path: &str) -> Request {
-        Request { method: method.into(), path: path.into(), headers: Vec::new(), body: None, content_length: true, chunked: None }
+        Request { method: method.into(), path: path.into(), headers: Vec::new(), body: None, content_length: true, chunked: None, host: None }
     }
     pub fn get(path: &str) -> Request {
         Request::new("GET", path)
@@ -84,6 +86,11 @@ impl Request {
     }
     pub fn header(mut self, k: &str, v: &str) -> Request {
         self.headers.push((k.into(), v.into()));
+        self
+    }
+    /// Sends `Host: host` instead of the address.
+    pub fn host(mut self, host: &str) -> Request {
+        self.host = Some(host.into());
         self
     }
     pub fn bearer(self, key: &str) -> Request {
@@ -114,7 +121,8 @@ impl Request {
 
     fn head_bytes_with(&self, addr: SocketAddr, close: bool) -> Vec<u8> {
         let connection = if close { "Connection: close\r\n" } else { "" };
-        let mut out = format!("{} {} HTTP/1.1\r\nHost: {addr}\r\n{connection}", self.method, self.path).into_bytes();
+        let host = self.host.clone().unwrap_or_else(|| addr.to_string());
+        let mut out = format!("{} {} HTTP/1.1\r\nHost: {host}\r\n{connection}", self.method, self.path).into_bytes();
         for (k, v) in &self.headers {
             out.extend_from_slice(k.as_bytes());
             out.extend_from_slice(b": ");

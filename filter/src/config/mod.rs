@@ -30,6 +30,8 @@ const DEFAULT_MAX_BODY_MB: u64 = 100;
 /// A wasm32 VM copies the whole body into its 4 GiB address space, and its memory never shrinks.
 pub const MAX_BODY_MB: i64 = 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a client may pause while sending a request body before the stream is cut.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MODELS_REFRESH: Duration = Duration::from_secs(300);
 pub const DEFAULT_ERROR_CODES: [u16; 7] = [401, 403, 429, 500, 502, 503, 504];
 pub const DEFAULT_MAX_PROVIDER_RETRIES: u32 = 2;
@@ -88,6 +90,8 @@ pub struct RawServer {
     pub cooldown_default: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_max: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_idle_timeout: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -259,6 +263,8 @@ pub struct Server {
     pub cooldown_default: Duration,
     /// The longest rest a provider's hint can ask for.
     pub cooldown_max: Duration,
+    /// The longest pause between body bytes before the request is routed (None = no limit).
+    pub body_idle_timeout: Option<Duration>,
 }
 
 impl Server {
@@ -456,6 +462,15 @@ fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Resul
             ),
         });
     }
+    let body_idle_timeout = match &s.body_idle_timeout {
+        None => Some(DEFAULT_BODY_IDLE_TIMEOUT),
+        Some(v) => match parse_duration("server.body_idle_timeout", v, true)? {
+            Some(d) if d < Duration::from_millis(100) => {
+                return Err(invalid("server.body_idle_timeout", v, "use at least 100ms, or -1 for no limit"))
+            }
+            d => d,
+        },
+    };
     Ok(Server {
         port,
         master_key,
@@ -470,6 +485,7 @@ fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Resul
         retry_on_status,
         cooldown_default,
         cooldown_max,
+        body_idle_timeout,
     })
 }
 

@@ -2,7 +2,7 @@
 //! `idle_timeout: 0s`), a second router on the same port fails to start instead of sharing it, and
 //! a sub-second `request_timeout` is kept to the millisecond.
 
-use e2e::harness::{control, cred, hcm, mock, Options, Router, MASTER};
+use e2e::harness::{control, cred, hcm, mock, BootstrapEdit, Options, Router, MASTER};
 use e2e::http::{send_raw, Request};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ fn a_quiet_sse_stream_outlives_the_listener_stream_idle_timeout() {
     control(&a, json!({"chunks": 1, "chunk_delay_ms": 2500}));
     let r = Router::start_with(
         &config("sk-listen-a-0000", &a.url(), ""),
-        Options { edit_bootstrap: Some(short_stream_idle), ..Options::default() },
+        Options { edit_bootstrap: Some(BootstrapEdit::new(short_stream_idle)), ..Options::default() },
     );
     let dump = r.admin_get("/config_dump").text();
     assert!(dump.contains(&format!("\"stream_idle_timeout\": \"{SHORT_IDLE}\"")), "the edited listener is not the one Envoy runs");

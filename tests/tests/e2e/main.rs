@@ -9,6 +9,7 @@ mod client;
 mod dashboard;
 mod fail2ban;
 mod fault;
+mod gateway;
 mod global;
 mod hostile;
 mod limits;
