@@ -891,7 +891,11 @@ mod tests {
         assert_eq!(routed["response_headers_to_remove"], json!([retry_contract::RETRY_HEADER]));
         // Retries replay the body from the route's buffer: it holds every accepted body.
         assert_eq!(routed["request_body_buffer_limit"], json!(100 * 1024 * 1024 + BODY_BUFFER_SLACK));
-        assert_eq!(route(&b, "v1")["request_body_buffer_limit"], routed["request_body_buffer_limit"], "the body is buffered before routing");
+        assert_eq!(
+            route(&b, "v1")["request_body_buffer_limit"],
+            routed["request_body_buffer_limit"],
+            "the body is buffered before routing"
+        );
         // The default is 2.
         assert_eq!(at(route(&two_credentials(""), ROUTED_ROUTE), "/route/retry_policy/num_retries"), 2);
     }

@@ -220,7 +220,12 @@ impl Request {
             Some(status) => rt.account(host, index, self.endpoint, status, &head.hints),
             None => {
                 rt.increment(host, HotKey::Rejections("upstream_overflow"));
-                rt.log(host, LogLevel::Warn, || format!("auto-ai-router: {} overflowed a circuit breaker of its credential's cluster (Envoy's 503, not the provider's)", self.endpoint));
+                rt.log(host, LogLevel::Warn, || {
+                    format!(
+                        "auto-ai-router: {} overflowed a circuit breaker of its credential's cluster (Envoy's 503, not the provider's)",
+                        self.endpoint
+                    )
+                });
             }
         }
         if let Some(model) = &self.model {

@@ -78,6 +78,11 @@ impl MemHost {
         self.request_headers.borrow().iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 
+    /// The credential the filter routed the request to (the filter state the route reads).
+    pub fn routed_to(&self) -> Option<String> {
+        self.properties.borrow().get(crate::retry_contract::NEXT_PROPERTY).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
     pub fn metric(&self, name: &str) -> i64 {
         self.metrics.borrow().get(name).map_or(0, |(_, v)| *v)
     }

@@ -12,7 +12,6 @@ use filter::rls::{DescriptorStatus, ProtoDuration, RateLimitRequest, RateLimitRe
 use filter::runtime::Runtime;
 use filter::store::MemStore;
 use filter::testing::MemHost;
-use filter::CLUSTER_HEADER;
 use prost::Message;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -118,7 +117,7 @@ fn chat(rt: &Runtime, store: &Rc<MemStore>, service: Option<&Service>, now_ms: u
         return Outcome::Reply(reply.status, serde_json::from_str(&reply.body).unwrap(), ra);
     }
     assert_eq!(action, Action::Continue);
-    Outcome::Routed(h.header(CLUSTER_HEADER).expect("routed"))
+    Outcome::Routed(h.routed_to().expect("routed"))
 }
 
 fn routed(o: &Outcome) -> Option<&str> {

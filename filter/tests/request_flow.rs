@@ -8,7 +8,6 @@ use filter::request::Request;
 use filter::runtime::Runtime;
 use filter::store::MemStore;
 use filter::testing::MemHost;
-use filter::CLUSTER_HEADER;
 use std::rc::Rc;
 
 const MASTER: &str = "sk-master-flow-0123";
@@ -57,7 +56,7 @@ fn a_foreign_host_passes_byte_for_byte() {
     let store = Rc::new(MemStore::default());
     let mut headers = chat_headers("other-app.example.com");
     headers.push(("x-api-key", "their-own-key".into()));
-    headers.push((CLUSTER_HEADER, "whatever".into()));
+    headers.push(("x-auto-ai-router-cluster", "whatever".into()));
     headers[3].1 = "Bearer not-our-key".into();
     let h = host(&store, &headers, br#"{"model":"m"}"#);
     let before = h.request_headers.borrow().clone();
@@ -78,13 +77,13 @@ fn our_host_is_routed_and_loses_client_routing_headers() {
     let store = Rc::new(MemStore::default());
     let mut headers = chat_headers("ai.example.com:8443");
     headers.push(("x-api-key", "client-key".into()));
-    headers.push((CLUSTER_HEADER, "c2".into()));
+    headers.push(("x-auto-ai-router-cluster", "c2".into()));
     let h = host(&store, &headers, br#"{"model":"m"}"#);
     assert_eq!(run(&rt, &h), (Action::Pause, Action::Continue));
-    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c1"), "the client's c2 had no effect");
+    assert_eq!(h.routed_to().as_deref(), Some("c1"), "the client's c2 had no effect");
     assert_eq!(h.header("x-api-key"), None);
     assert_eq!(h.header("authorization").as_deref(), Some("Bearer sk-c1-secret"));
-    assert_eq!(h.header(":authority").as_deref(), Some("c1.test"));
+    assert_eq!(h.header(":authority").as_deref(), Some("ai.example.com:8443"), "the client's: the route must stay the router's");
     assert_eq!(h.route_cache_cleared.get(), 1);
 }
 
@@ -107,7 +106,7 @@ fn trailers_end_the_body() {
     assert_eq!(r.on_request_headers(Some(&rt), &h, false), Action::Pause);
     assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), false), Action::Pause, "more may come");
     assert_eq!(r.on_request_trailers(Some(&rt), &h), Action::Continue);
-    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c1"));
+    assert_eq!(h.routed_to().as_deref(), Some("c1"));
 }
 
 #[test]
@@ -123,7 +122,7 @@ fn a_failing_host_call_is_a_503_for_that_request_only() {
         let (status, v) = reply_json(&h);
         assert_eq!((status, b), (503, Action::Pause), "{call}");
         assert_eq!(v["error"]["type"], "service_unavailable_error", "{call}");
-        assert!(h.header(CLUSTER_HEADER).is_none() || call == "clear_route_cache", "{call}: never routed half-way");
+        assert!(h.routed_to().is_none() || call == "clear_route_cache", "{call}: never routed half-way");
     }
     // The next request on the same worker is served normally.
     let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
@@ -137,7 +136,7 @@ fn when_even_the_reply_fails_the_request_stays_paused() {
     let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
     h.failing.borrow_mut().extend(["request_body", "send_reply"]);
     assert_eq!(run(&rt, &h).1, Action::Pause, "fail closed: never continue unrouted");
-    assert!(h.header(CLUSTER_HEADER).is_none());
+    assert!(h.routed_to().is_none());
     assert!(h.header("authorization").is_some_and(|a| a.contains(MASTER)), "untouched, and it goes nowhere");
 }
 
@@ -152,7 +151,7 @@ fn a_model_nobody_serves_is_404_model_not_found() {
     let h = host(&store, &chat_headers("r"), br#"{"model":"ghost"}"#);
     rt.refresh_index(&h); // the 1 s tick
     assert_eq!(run(&rt, &h).1, Action::Continue);
-    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c2"));
+    assert_eq!(h.routed_to().as_deref(), Some("c2"));
     filter::models_index::store_list(&*store, &keys[1].models, &[entry("claude")]).unwrap();
     let h = host(&store, &chat_headers("r"), br#"{"model":"ghost"}"#);
     let before = rt.index.borrow().serves(1, "ghost");
@@ -195,7 +194,7 @@ fn a_large_body_is_scanned_chunk_by_chunk_never_copied_whole() {
         assert_eq!(r.on_request_body(Some(&rt), &h, part, false), Action::Pause);
     }
     assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), true), Action::Continue);
-    assert_eq!(h.header(CLUSTER_HEADER).as_deref(), Some("c1"));
+    assert_eq!(h.routed_to().as_deref(), Some("c1"));
     assert_eq!(h.body_bytes_read.get(), body.len(), "every byte read once");
     assert!(h.largest_body_read.get() <= 64 * 1024, "copies stay small: {}", h.largest_body_read.get());
 }
@@ -319,4 +318,35 @@ fn with_retries_on_the_router_leaves_the_key_to_the_upstream_filter_and_drops_th
     let plan = filter::attempt::Plan::decode(&h.properties.borrow()["auto_ai_router_plan"]).unwrap();
     assert_eq!((plan.tried.as_slice(), plan.path.as_str()), (&[0u16][..], "/v1/chat/completions"));
     assert_eq!(h.properties.borrow()["auto_ai_router_next"], b"c1");
+}
+
+#[test]
+fn a_circuit_breaker_overflow_is_load_on_our_side_not_a_strike() {
+    let rt = runtime(", replace_v1_models: false, max_provider_retries: 0", -1);
+    let store = Rc::new(MemStore::default());
+    let answer = |details: &str| {
+        let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+        let mut r = Request::default();
+        r.on_request_headers(Some(&rt), &h, false);
+        let size = h.request_body.borrow().len();
+        assert_eq!(r.on_request_body(Some(&rt), &h, size, true), Action::Continue);
+        *h.response_headers.borrow_mut() = vec![(":status".into(), b"503".to_vec())];
+        h.properties.borrow_mut().insert("response.code_details".into(), details.as_bytes().to_vec());
+        r.on_response_headers(Some(&rt), &h);
+        (h.routed_to().unwrap(), h.metric("auto_ai_router_rejections_total.reason=.=upstream_overflow;.;"))
+    };
+    // Five overflows on each key (fail2ban's max_attempts is 3): no key is banned.
+    for i in 0..10 {
+        let (_, overflows) = answer("upstream_reset_before_response_started{overflow}");
+        // (metric ids are defined on the first request's host only)
+        assert!(i > 0 || overflows == 1, "counted as its own reason");
+    }
+    let h = host(&store, &chat_headers("r"), b"");
+    let health = filter::balancer::health(&h, &rt.keys, 0);
+    assert_eq!(health.available(), 2, "an overflow banned a key");
+    // The provider's own 503s do count.
+    for _ in 0..6 {
+        answer("via_upstream");
+    }
+    assert_eq!(filter::balancer::health(&h, &rt.keys, 0).available(), 0);
 }

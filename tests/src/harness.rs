@@ -211,6 +211,19 @@ pub struct Router {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// What [`Router::spawn`] starts.
+struct Spawn {
+    dir: PathBuf,
+    text: String,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    port: u16,
+    admin_port: u16,
+    health_host: Option<String>,
+    /// The caller chose the port: a clash is an error, not retried.
+    fixed_port: bool,
+}
+
 impl Router {
     /// Starts Envoy for `config_yaml` (seed format; `server.port` is overridden) with defaults.
     pub fn start(config_yaml: &str) -> Router {
@@ -240,7 +253,6 @@ impl Router {
     }
 
     fn try_start(config_yaml: &str, o: &Options) -> Result<Router, (String, bool)> {
-        let envoy = envoy_bin();
         let wasm = wasm_path(o.wasm);
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("aar-e2e-{}-{n}", std::process::id()));
@@ -261,7 +273,9 @@ impl Router {
         let health_host = p.config.server.hosts.iter().find_map(|h| match h {
             auto_ai_router::filter::config::HostMatch::Exact { host, port: Some(p) } => Some(format!("{host}:{p}")),
             auto_ai_router::filter::config::HostMatch::Exact { host, port: None } => Some(host.clone()),
-            auto_ai_router::filter::config::HostMatch::Suffix { suffix, port } => Some(format!("x{suffix}{}", port.map(|p| format!(":{p}")).unwrap_or_default())),
+            auto_ai_router::filter::config::HostMatch::Suffix { suffix, port } => {
+                Some(format!("x{suffix}{}", port.map(|p| format!(":{p}")).unwrap_or_default()))
+            }
             auto_ai_router::filter::config::HostMatch::Any => None,
         });
         let ro = auto_ai_router::render::RenderOptions {
@@ -278,26 +292,43 @@ impl Router {
             (edit.0)(&mut bootstrap_value);
         }
         let text = auto_ai_router::render::to_yaml(&p, &bootstrap_value);
+        std::fs::write(dir.join("config.yaml"), config_yaml).ok();
+        let mut env = p.literal_env();
+        env.extend(o.env.iter().cloned());
+        let mut args: Vec<String> =
+            vec!["--concurrency".into(), o.concurrency.to_string(), "--log-level".into(), o.envoy_log_level.clone()];
+        args.extend(auto_ai_router::render::envoy_args(&p));
+        let spawn = Spawn { dir, text, env, args, port, admin_port, health_host, fixed_port: o.listen_port.is_some() };
+        Router::spawn(spawn)
+    }
+
+    /// Runs Envoy on a bootstrap that is not the renderer's (a front Envoy, a gateway assembled
+    /// as istiod would), listening on `port` with its admin on `admin_port`; ready when the admin
+    /// says so and `/health` (with `Host: health_host`, or the address) gets any answer.
+    pub fn start_bootstrap(bootstrap: &Value, port: u16, admin_port: u16, env: &[(&str, &str)], health_host: Option<&str>) -> Router {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("aar-e2e-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let text = serde_yaml::to_string(bootstrap).expect("bootstrap as YAML");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let args = vec!["--concurrency".into(), "2".into(), "--log-level".into(), "warning".into()];
+        let spawn = Spawn { dir, text, env, args, port, admin_port, health_host: health_host.map(str::to_string), fixed_port: true };
+        Router::spawn(spawn).unwrap_or_else(|(msg, _)| panic!("{msg}"))
+    }
+
+    fn spawn(s: Spawn) -> Result<Router, (String, bool)> {
+        let envoy = envoy_bin();
+        let Spawn { dir, text, env, args, port, admin_port, health_host, fixed_port } = s;
         let bootstrap = dir.join("envoy.yaml");
         std::fs::write(&bootstrap, &text).map_err(|e| (format!("{}: {e}", bootstrap.display()), false))?;
-        std::fs::write(dir.join("config.yaml"), config_yaml).ok();
         let log = dir.join("envoy.log");
         let file = std::fs::File::create(&log).map_err(|e| (format!("{}: {e}", log.display()), false))?;
         let file2 = file.try_clone().map_err(|e| (e.to_string(), false))?;
 
         let mut cmd = Command::new(&envoy);
-        cmd.arg("-c")
-            .arg(&bootstrap)
-            .args(["--concurrency", &o.concurrency.to_string()])
-            .args(["--disable-hot-restart", "--log-level", &o.envoy_log_level])
-            .args(auto_ai_router::render::envoy_args(&p))
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(file2);
-        for (k, v) in p.literal_env() {
-            cmd.env(k, v);
-        }
-        for (k, v) in &o.env {
+        cmd.arg("-c").arg(&bootstrap).arg("--disable-hot-restart").args(&args).stdin(Stdio::null()).stdout(file).stderr(file2);
+        for (k, v) in &env {
             cmd.env(k, v);
         }
         unsafe {
@@ -322,7 +353,7 @@ impl Router {
                 let log = r.log();
                 // A clash on a free port picked a moment ago is a race: retry (the listener
                 // does not reuse ports, so a clash fails instead of sharing the port).
-                let retry = log.contains("ddress already in use") && o.listen_port.is_none();
+                let retry = log.contains("ddress already in use") && !fixed_port;
                 let msg = format!("Envoy exited ({status}) before it was ready. Its log:\n{log}");
                 r.cleanup(false);
                 return Err((msg, retry));

@@ -76,7 +76,15 @@ pub struct Request {
 
 impl Request {
     pub fn new(method: &str, path: &str) -> Request {
-        Request { method: method.into(), path: path.into(), headers: Vec::new(), body: None, content_length: true, chunked: None, host: None }
+        Request {
+            method: method.into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: None,
+            content_length: true,
+            chunked: None,
+            host: None,
+        }
     }
     pub fn get(path: &str) -> Request {
         Request::new("GET", path)

@@ -143,3 +143,43 @@ fn request_timeout_gives_504_and_counts_for_fail2ban() {
         assert_eq!((resp.status, resp.header("x-mock-provider")), (200, Some("fast")));
     }
 }
+
+/// Envoy's own circuit-breaker overflow on a credential's cluster (`UO`) is load on our side, not
+/// the provider failing: it bans no key, with retries on and off, and counts as its own reason.
+#[test]
+fn a_circuit_breaker_overflow_is_never_a_strike() {
+    fn one_request_at_a_time(b: &mut serde_json::Value) {
+        for c in b["static_resources"]["clusters"].as_array_mut().unwrap() {
+            if c["name"] == "cred_a" {
+                c["circuit_breakers"]["thresholds"][0]["max_requests"] = json!(1);
+                c["circuit_breakers"]["thresholds"][0]["max_pending_requests"] = json!(1);
+            }
+        }
+    }
+    for retries in [0, 2] {
+        let a = mock("a", "sk-f2b-uo-a-000", &["gpt-4o"]);
+        control(&a, json!({"delay_ms": 400}));
+        let cfg = format!(
+            "server:\n  master_key: \"{MASTER}\"\n  max_provider_retries: {retries}\ncredentials:\n{}fail2ban:\n  max_attempts: 2\n  error_codes: [500, 502, 503, 504]\n",
+            cred("cred_a", "sk-f2b-uo-a-000", &a.url(), -1),
+        );
+        let o =
+            e2e::harness::Options { edit_bootstrap: Some(e2e::harness::BootstrapEdit::new(one_request_at_a_time)), ..Default::default() };
+        let r = Router::start_with(&cfg, o);
+        let statuses: Vec<u16> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| r.chat("gpt-4o").status)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let overflowed = statuses.iter().filter(|s| **s == 503).count();
+        assert!(overflowed >= 2, "retries {retries}: the breaker never overflowed: {statuses:?}");
+        assert!(statuses.contains(&200), "{statuses:?}");
+        let (_, h) = r.health();
+        assert_eq!(h["credentials_banned"], 0, "retries {retries}: an overflow banned the key ({statuses:?}): {h}");
+        let resp = r.chat("gpt-4o");
+        assert_eq!(resp.status, 200, "retries {retries}: {}", resp.describe());
+        if retries == 0 {
+            let n = r.metric("auto_ai_router_rejections_total", &[("reason", "upstream_overflow")]);
+            assert_eq!(n, Some(overflowed as f64), "{statuses:?}");
+        }
+    }
+}

@@ -60,7 +60,8 @@ fn on_an_istio_shaped_gateway_chats_reach_only_the_providers_with_retries_on_and
         control(&b, json!({"path_prefix": "/openai"}));
         let other = mock("other", "sk-other-app-own-key", &[]);
         let creds = cred("cred_a", KEY_A, &a.url()) + &cred("cred_b", KEY_B, &format!("{}/openai/v1", b.url()));
-        let r = Router::start_with(&config(retries, &creds), Options { edit_bootstrap: Some(istio_shaped(other.addr)), ..Options::default() });
+        let r =
+            Router::start_with(&config(retries, &creds), Options { edit_bootstrap: Some(istio_shaped(other.addr)), ..Options::default() });
         for i in 0..6 {
             let resp = r.send(&Request::chat(MASTER, "gpt-4o").host(HOST));
             assert_eq!(resp.status, 200, "retries {retries}, chat {i}: {}", resp.describe());
@@ -69,7 +70,11 @@ fn on_an_istio_shaped_gateway_chats_reach_only_the_providers_with_retries_on_and
             let log = e2e::harness::api_log(m);
             assert_eq!(log.len(), 3, "retries {retries}: round-robin to {name}: {log:?}");
             for e in &log {
-                assert_eq!((e.key.as_str(), e.path.as_str(), e.host.as_str()), (key, path, m.addr.to_string().as_str()), "retries {retries}");
+                assert_eq!(
+                    (e.key.as_str(), e.path.as_str(), e.host.as_str()),
+                    (key, path, m.addr.to_string().as_str()),
+                    "retries {retries}"
+                );
             }
         }
         if retries > 0 {
@@ -97,13 +102,16 @@ fn a_foreign_host_with_a_cluster_header_never_reaches_a_provider() {
         let r = Router::start(&config(retries, &cred("cred_a", KEY_A, &a.url())));
         // The renderer puts server.hosts into the router's virtual host: other hosts get Envoy's 404.
         for path in ["/v1/chat/completions", "/health", "/v1/models"] {
-            let req = Request::post(path).host("evil.example.net").bearer(MASTER).header("x-auto-ai-router-cluster", "cred_a").body(
-                serde_json::to_vec(&json!({"model": "gpt-4o", "messages": []})).unwrap(),
-            );
+            let req = Request::post(path)
+                .host("evil.example.net")
+                .bearer(MASTER)
+                .header("x-auto-ai-router-cluster", "cred_a")
+                .body(serde_json::to_vec(&json!({"model": "gpt-4o", "messages": []})).unwrap());
             let resp = r.send(&req);
             assert_eq!(resp.status, 404, "retries {retries} {path}: {}", resp.describe());
             // The client's own key, or none: nothing in the 404 comes from a provider.
-            let resp = r.send(&Request::post(path).host("evil.example.net").bearer("sk-anything").header("x-auto-ai-router-cluster", "cred_a"));
+            let resp =
+                r.send(&Request::post(path).host("evil.example.net").bearer("sk-anything").header("x-auto-ai-router-cluster", "cred_a"));
             assert_eq!(resp.status, 404, "retries {retries} {path}");
         }
         // /health with the header on the router's host is the filter's answer, not a provider's.
