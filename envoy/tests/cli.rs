@@ -156,12 +156,13 @@ fn example_config_renders_a_bootstrap_envoy_accepts() {
     let plugin: serde_json::Value = serde_json::from_str(at(wasm, "/configuration/value").as_str().unwrap()).unwrap();
     let models = plugin["models"].as_array().expect("plugin models");
     assert!(models.contains(&serde_json::json!({"name": "text-embedding-3-small", "rpm": -1})), "{models:?}");
-    // The route's own timeout: the example's request_timeout (5m); SSE streams have no idle limit
-    // on /v1/, while the listener keeps its 300 s stream idle timeout.
-    assert_eq!(route(&b, "v1")["route"]["timeout"], "300s");
-    assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "0s");
+    // The routed route's own timeout: the example's request_timeout (5m); SSE streams have no idle
+    // limit once routed, a stalled upload has the body idle limit, the listener keeps its 300 s.
+    assert_eq!(route(&b, "v1_routed")["route"]["timeout"], "300s");
+    assert_eq!(route(&b, "v1_routed")["route"]["idle_timeout"], "0s");
+    assert_eq!(route(&b, "v1")["route"]["idle_timeout"], "60s");
     // The default max_provider_retries (2): the route follows the filter's per-attempt choice.
-    assert_eq!(at(route(&b, "v1"), "/route/retry_policy/num_retries"), 2);
+    assert_eq!(at(route(&b, "v1_routed"), "/route/retry_policy/num_retries"), 2);
     assert_eq!(route(&b, "metrics")["route"]["prefix_rewrite"], "/stats/prometheus");
     assert_eq!(at(&b, &format!("{HCM}/stream_idle_timeout")), "300s");
     assert_eq!(at(&b, &format!("{HCM}/request_headers_timeout")), "10s");
@@ -177,8 +178,8 @@ fn example_config_renders_a_bootstrap_envoy_accepts() {
 }
 
 /// Both retry layouts pass `envoy --mode validate` with the real filter: retries on (the default:
-/// filter-state matcher route, retry policy, the upstream filter in every credential cluster, the
-/// no-credential cluster) and `max_provider_retries: 0` (cluster_header route, nothing retry-related).
+/// retry policy on the routed route, the upstream filter in every credential cluster) and
+/// `max_provider_retries: 0` (nothing retry-related); both route on the filter state.
 #[test]
 fn retry_on_and_off_bootstraps_are_accepted_by_envoy() {
     let example = std::fs::read_to_string(examples().join("config.yaml")).unwrap();
@@ -199,18 +200,18 @@ fn retry_on_and_off_bootstraps_are_accepted_by_envoy() {
                 c.pointer("/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/http_filters").is_some()
             })
             .count();
+        assert!(at(routed, "/route/inline_cluster_specifier_plugin").is_object());
+        assert_eq!(at(v1, "/route/cluster"), "auto_ai_router_no_credential", "unrouted /v1/ reaches no provider");
+        assert!(clusters.iter().any(|c| c["name"] == "auto_ai_router_no_credential"));
+        assert!(!yaml.contains("cluster_header"));
         if name == "retries-on" {
-            assert_eq!(at(v1, "/route/retry_policy/num_retries"), 3);
-            assert!(at(v1, "/route/inline_cluster_specifier_plugin").is_object());
+            assert_eq!(at(routed, "/route/retry_policy/num_retries"), 3);
             assert_eq!(upstream_filters, 2, "mock_a and mock_b run the upstream filter");
-            assert!(clusters.iter().any(|c| c["name"] == "auto_ai_router_no_credential"));
         } else {
-            assert!(v1.pointer("/route/retry_policy").is_none());
-            assert_eq!(at(v1, "/route/cluster_header"), "x-auto-ai-router-cluster");
+            assert!(routed.pointer("/route/retry_policy").is_none());
             assert_eq!(upstream_filters, 0);
             assert!(!yaml.contains("upstream_codec") && !yaml.contains("retry_policy"));
         }
-        assert_eq!(routed["route"], v1["route"]);
         let (ok, log) = envoy_validate(&dir.join("envoy.yaml"), &env);
         assert!(ok, "envoy --mode validate rejected the {name} bootstrap:\n{log}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -127,8 +127,30 @@ fn k8s_objects(path: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// A YAML value as JSON (to compare with the renderer's output).
+fn json_of(v: &Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap()
+}
+
+/// The bootstrap `auto-ai-router render` gives for a manifest's plugin configuration.
+fn rendered_for(plugin: &str) -> serde_json::Value {
+    let p = auto_ai_router::prepare::prepare(plugin, None, &|n| Some(format!("test-value-{n}")), "config.yaml", "models.yaml")
+        .unwrap_or_else(|e| panic!("plugin config: {e}"));
+    auto_ai_router::render::render(&p, &auto_ai_router::render::RenderOptions::default())
+}
+
+fn rendered_route<'a>(b: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes")
+        .and_then(|r| r.as_array())
+        .and_then(|r| r.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("no rendered route {name}"))
+}
+
+/// The local-file EnvoyFilter: scoped to the router's listener, Gateway, virtual host and route;
+/// its routed route, endpoint-less cluster and upstream filter are what the renderer builds for
+/// the same plugin configuration (so the manifest can't drift from the tested bootstrap).
 #[test]
-fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
+fn envoyfilter_routes_on_filter_state_in_the_routers_virtual_host_with_retries() {
     let all = kinds("envoy/istio/envoyfilter.yaml");
     let (kind, d) = &all[0];
     assert_eq!(kind, "EnvoyFilter");
@@ -143,22 +165,73 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     assert_eq!(get(cfg, "allow_on_headers_stop_iteration").as_bool(), Some(true));
     assert_eq!(str_of(cfg, "root_id"), "auto_ai_router");
     assert_eq!(str_of(cfg, "vm_config.runtime"), "envoy.wasm.runtime.v8");
-    accepts(str_of(cfg, "configuration.value"));
+    let plugin_text = str_of(cfg, "configuration.value");
+    accepts(plugin_text);
     let keys: Vec<&str> =
         get(cfg, "vm_config.environment_variables.host_env_keys").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(keys.contains(&"ROUTER_MASTER_KEY") && keys.contains(&"OPENAI_API_KEY"));
     // Every os.environ/ variable of the plugin configuration is passed to the VM.
-    for var in str_of(cfg, "configuration.value").split("os.environ/").skip(1).map(|s| s.split('"').next().unwrap()) {
+    for var in plugin_text.split("os.environ/").skip(1).map(|s| s.split('"').next().unwrap()) {
         assert!(keys.contains(&var), "host_env_keys lacks {var}");
     }
-    let cluster = patches.iter().find(|p| str_of(p, "applyTo") == "CLUSTER").expect("CLUSTER patch");
-    assert_eq!(str_of(cluster, "patch.value.name"), "openai_main", "the first cluster is the credential's");
-    let route = patches.iter().find(|p| str_of(p, "applyTo") == "HTTP_ROUTE").expect("HTTP_ROUTE patch");
-    assert_eq!(str_of(route, "patch.value.route.cluster_header"), "x-auto-ai-router-cluster");
-    // A cluster_header route and no upstream filter: retries must be off, or no attempt is counted.
-    let plugin: serde_json::Value = serde_json::from_str(str_of(cfg, "configuration.value")).unwrap();
-    assert_eq!(plugin.pointer("/server/max_provider_retries").and_then(|n| n.as_u64()), Some(0));
-    let route_name = str_of(route, "match.routeConfiguration.vhost.route.name");
+    let plugin: serde_json::Value = serde_json::from_str(plugin_text).unwrap();
+    assert_eq!(plugin.pointer("/server/max_provider_retries").and_then(|n| n.as_u64()), Some(2), "retries on");
+    let rendered = rendered_for(plugin_text);
+
+    // The credential's cluster: the aggregate over Istio's, with the renderer's upstream filter.
+    let clusters: Vec<&Value> = patches.iter().filter(|p| str_of(p, "applyTo") == "CLUSTER").collect();
+    let cred = clusters.iter().find(|p| str_of(p, "patch.value.name") == "openai_main").expect("the credential's cluster");
+    assert_eq!(str_of(cred, "patch.value.cluster_type.name"), "envoy.clusters.aggregate");
+    let up = json_of(get(cred, "patch.value.typed_extension_protocol_options"));
+    let up = &up["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+    let rendered_cluster =
+        rendered["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "openai_main").unwrap();
+    let want =
+        &rendered_cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+    let mut up = up.clone();
+    let mut want = want.clone();
+    // The module's path and the shared VM/configuration blocks (YAML anchors) are the manifest's own.
+    for v in [&mut up, &mut want] {
+        let w = &mut v[0]["typed_config"]["extension_config"]["typed_config"]["config"];
+        w["vm_config"] = serde_json::Value::Null;
+        w["configuration"] = serde_json::Value::Null;
+    }
+    assert_eq!(up, want, "the upstream filter differs from the rendered one");
+    let upstream_cfg = get(cred, "patch.value.typed_extension_protocol_options")
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+        .and_then(|o| o.get("http_filters"))
+        .map(|f| get(&f[0], "typed_config.extension_config.typed_config.config"))
+        .expect("the upstream filter's config");
+    for field in ["vm_config", "configuration"] {
+        assert_eq!(upstream_cfg.get(field), cfg.get(field), "the upstream filter's {field} is the downstream filter's");
+    }
+    assert!(clusters.iter().any(|p| str_of(p, "patch.value.name") == "auto_ai_router_no_credential"));
+
+    // The routed route, first in the router's virtual host, is the rendered one.
+    let routes: Vec<&Value> = patches.iter().filter(|p| str_of(p, "applyTo") == "HTTP_ROUTE").collect();
+    let first = routes.iter().find(|p| str_of(p, "patch.operation") == "INSERT_FIRST").expect("the routed route");
+    assert_eq!(str_of(first, "match.routeConfiguration.vhost.name"), "ai.example.com:80", "Istio's name for the Gateway host");
+    let ours = json_of(get(first, "patch.value"));
+    let want = rendered_route(&rendered, "v1_routed");
+    for field in ["match", "request_body_buffer_limit", "response_headers_to_remove"] {
+        assert_eq!(ours[field], want[field], "routed route: {field}");
+    }
+    for field in ["auto_host_rewrite", "timeout", "idle_timeout", "inline_cluster_specifier_plugin", "retry_policy"] {
+        assert_eq!(ours["route"][field], want["route"][field], "routed route: route.{field}");
+    }
+    assert!(ours.pointer("/route/cluster_header").is_none());
+    // The VirtualService's route goes to no provider (before routing) and has the body limits.
+    let vs_route = routes.iter().find(|p| str_of(p, "patch.operation") == "MERGE").expect("the VirtualService route patch");
+    let merged = json_of(get(vs_route, "patch.value"));
+    let want = rendered_route(&rendered, "v1");
+    assert_eq!(merged["route"]["cluster"], "auto_ai_router_no_credential");
+    for field in ["idle_timeout", "timeout"] {
+        assert_eq!(merged["route"][field], want["route"][field], "route.{field}");
+    }
+    assert_eq!(merged["request_body_buffer_limit"], want["request_body_buffer_limit"]);
+    assert!(!serde_json::to_string(&json_of(d)).unwrap().contains("cluster_header"), "no route reads a client header");
+
+    let route_name = str_of(vs_route, "match.routeConfiguration.vhost.route.name");
     let vs = kinds("envoy/istio/virtualservice.yaml");
     let (_, v) = vs.iter().find(|(k, _)| k == "VirtualService").expect("VirtualService");
     let hosts: Vec<&str> =
@@ -166,11 +239,14 @@ fn envoyfilter_sets_allow_on_headers_stop_iteration_and_routes_by_header() {
     let vs_hosts: Vec<&str> = get(v, "spec.hosts").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(hosts, vs_hosts, "the plugin's hosts are the router's VirtualService hosts");
     assert_eq!(str_of(v, "spec.http.0.name"), route_name);
-    // The route patch is for the router's own Gateway, which serves only the router's host names.
+    // The route patches are for the router's own Gateway, which serves only the router's host names.
     let (_, gw) = vs.iter().find(|(k, _)| k == "Gateway").expect("Gateway");
     let gw_name = format!("{}/{}", str_of(gw, "metadata.namespace"), str_of(gw, "metadata.name"));
-    assert_eq!(str_of(route, "match.routeConfiguration.gateway"), gw_name);
+    for r in &routes {
+        assert_eq!(str_of(r, "match.routeConfiguration.gateway"), gw_name);
+    }
     assert_eq!(get(gw, "spec.servers.0.port.number").as_u64(), Some(80));
+    assert_eq!(format!("{}:80", hosts[0]), str_of(first, "match.routeConfiguration.vhost.name"));
     for (what, hosts) in [("Gateway", get(gw, "spec.servers.0.hosts")), ("VirtualService", get(v, "spec.hosts"))] {
         let hosts: Vec<&str> = hosts.as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
         assert!(

@@ -10,3 +10,7 @@ pub mod harness;
 /// Redis and the rate-limit service double for the multi-replica suite (feature `e2e`).
 #[cfg(feature = "e2e")]
 pub mod global;
+
+/// A stand-in for istiod applying our EnvoyFilter patches to a gateway-shaped bootstrap.
+#[cfg(feature = "e2e")]
+pub mod istio;

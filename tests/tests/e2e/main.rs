@@ -12,6 +12,7 @@ mod fault;
 mod gateway;
 mod global;
 mod hostile;
+mod istio;
 mod limits;
 mod listener;
 mod models;
