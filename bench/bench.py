@@ -10,11 +10,11 @@ running side by side from the rendered bootstraps:
   3 router  wrk -> Envoy + the router filter (2 credentials, RPM on but not limiting, fail2ban on,
             model-aware routing on; retries on, the default max_provider_retries: 2, so every
             request also runs the upstream filter in the credential's cluster)
-  3b router_noretry  the same with max_provider_retries: 0 (no upstream filter, cluster_header
-            route): 3 minus 3b is what the retry machinery costs a request that is not retried
+  3b router_noretry  the same with max_provider_retries: 0 (no upstream filter, no retry
+            policy): 3 minus 3b is what the retry machinery costs a request that is not retried
   F floor   wrk -> Envoy + bench/floor (bench_floor.wasm): the least a pause-and-route filter does
-            (pause on the headers, at the end of the body set the cluster header, authorization and
-            :authority to one credential's, clear the route cache), in 3b's bootstrap: router/floor
+            (pause on the headers, at the end of the body write one credential into the router's
+            filter state and its authorization, clear the route cache), in 3b's bootstrap: router/floor
             is the cost of the router's logic, floor/plain the cost of being a wasm filter at all
 
 plus the streaming case (SSE, 20 chunks, no delay) and the 1-connection case for 2, F and 3. Cases
@@ -25,7 +25,7 @@ The router's bootstrap comes from `auto-ai-router render`; the plain one is the 
 Envoy loaded it (admin /config_dump) with the wasm filter removed and the route made static, so the
 two differ only in the filter. The floor's is 3b's bootstrap as Envoy loaded it with the router's
 wasm swapped for the floor's (plugin configuration: a JSON object with the first credential's
-cluster, bearer and authority) and the filter-state route dropped.
+cluster and bearer), routed by the same filter-state route.
 
 Environment (all optional): BENCH_CONCURRENCY (Envoy --concurrency, 2), BENCH_ROUNDS (3),
 BENCH_DURATION (seconds per run, 5), BENCH_WARMUP (seconds, 2), BENCH_CONNECTIONS (32),
@@ -99,7 +99,7 @@ MASTER = "sk-bench-master-key"
 KEYS = {"bench_a": "sk-bench-a-provider-key", "bench_b": "sk-bench-b-provider-key"}
 DIRECT_KEY = "sk-bench-direct-key"
 MODEL = "gpt-4o-mini"
-CLUSTER_HEADER = "x-auto-ai-router-cluster"
+NO_CREDENTIAL_CLUSTER = "auto_ai_router_no_credential"
 
 ALL_CASES = ["direct", "plain", "floor", "router", "router_noretry", "plain_sse", "floor_sse", "router_sse",
              "plain_1c", "floor_1c", "router_1c", "global1", "global10", "global1_1c", "global10_1c",
@@ -325,27 +325,32 @@ def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: in
             h for h in hcm["http_filters"] if "filters.http.wasm" not in h.get("typed_config", {}).get("@type", "")
         ]
         for vh in hcm["route_config"]["virtual_hosts"]:
-            # Routes that only match requests the filter routed (its filter state) go.
-            vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
+            # The route of requests the filter routed (matched on its filter state) becomes a static
+            # /v1/ route; the unrouted /v1/ route (no endpoint) goes.
+            routes = []
             for route in vh["routes"]:
                 route.pop("typed_per_filter_config", None)
                 route.pop("response_headers_to_remove", None)
-                action = route.get("route")
-                dynamic = action and (action.pop("cluster_header", None) or action.pop("inline_cluster_specifier_plugin", None))
-                if action:
-                    action.pop("retry_policy", None)
-                if dynamic:
+                if route.get("route", {}).get("cluster") == NO_CREDENTIAL_CLUSTER:
+                    continue
+                if "filter_state" in route.get("match", {}):
+                    action = route["route"]
+                    for k in ("inline_cluster_specifier_plugin", "retry_policy", "auto_host_rewrite"):
+                        action.pop(k, None)
                     # What the router does for one credential, as static config.
+                    route["match"] = {"prefix": "/v1/"}
                     action["cluster"] = first
                     action["host_rewrite_literal"] = f"127.0.0.1:{mock_port}"
                     route["request_headers_to_add"] = [{
                         "header": {"key": "authorization", "value": f"Bearer {KEYS[first]}"},
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                     }]
-                    route["request_headers_to_remove"] = ["x-api-key", CLUSTER_HEADER]
+                    route["request_headers_to_remove"] = ["x-api-key"]
                     rewrites += 1
+                routes.append(route)
+            vh["routes"] = routes
     if rewrites == 0:
-        raise BenchError("plain bootstrap: no filter-routed route (cluster_header or cluster specifier) in the router's bootstrap")
+        raise BenchError("plain bootstrap: no filter-routed route (matched on filter state) in the router's bootstrap")
     path = WORK / "plain.json"
     path.write_text(json.dumps(boot, indent=1))
     return path
@@ -353,11 +358,11 @@ def plain_bootstrap(router_admin: int, port: int, admin_port: int, mock_port: in
 
 def floor_bootstrap(noretry_admin: int, port: int, admin_port: int, mock_port: int) -> Path:
     """The `max_provider_retries: 0` router's bootstrap as Envoy loaded it, with the router's wasm
-    swapped for the floor's: the same listener, filter position, failure policy, `cluster_header`
-    route and clusters; the floor routes every request to the first credential."""
+    swapped for the floor's: the same listener, filter position, failure policy, routes (the
+    filter-state route) and clusters; the floor routes every request to the first credential."""
     boot = loaded_bootstrap(noretry_admin, admin_port, "bench-floor")
     first = next(iter(KEYS))
-    plugin = json.dumps({"cluster": first, "authorization": f"Bearer {KEYS[first]}", "authority": f"127.0.0.1:{mock_port}"})
+    plugin = json.dumps({"cluster": first, "authorization": f"Bearer {KEYS[first]}", "authority": ""})
     swapped = routes = 0
     for hcm in listener_hcms(boot, port):
         for h in hcm.get("http_filters", []):
@@ -372,12 +377,10 @@ def floor_bootstrap(noretry_admin: int, port: int, admin_port: int, mock_port: i
             cfg["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin}
             swapped += 1
         for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
-            # The floor sets no filter state; the path is not rewritten, so `/v1/` matches.
-            vh["routes"] = [r for r in vh["routes"] if "filter_state" not in r.get("match", {})]
-            routes += sum(1 for r in vh["routes"] if r.get("route", {}).get("cluster_header") == CLUSTER_HEADER
-                          and r.get("match", {}).get("prefix") == "/v1/")
+            # The floor writes the router's filter state: the same routed route picks the cluster.
+            routes += sum(1 for r in vh["routes"] if "filter_state" in r.get("match", {}))
     if swapped != 1 or routes == 0:
-        raise BenchError(f"floor bootstrap: expected one wasm filter and a /v1/ cluster_header route in the "
+        raise BenchError(f"floor bootstrap: expected one wasm filter and a filter-state route in the "
                          f"max_provider_retries: 0 bootstrap, found {swapped} and {routes}")
     path = WORK / "floor.json"
     path.write_text(json.dumps(boot, indent=1))
@@ -861,8 +864,8 @@ def main() -> int:
             if sorted(by_key) != sorted(KEYS.values()):
                 raise BenchError(f"the router did not use exactly the two credentials' keys: mock saw {by_key}")
         if floor_on:
-            # The floor must do the router's job for one credential: its key (not the master key),
-            # its authority, and the internal cluster header gone before the provider.
+            # The floor must do the router's job for one credential: its key (not the master key)
+            # and its authority (from the endpoint, auto_host_rewrite).
             first = next(iter(KEYS))
             http("POST", f"http://127.0.0.1:{mock_port}/_reset")
             for _ in range(2):
@@ -873,12 +876,9 @@ def main() -> int:
             chats = [e for e in stats.get("log", []) if e.get("path") == "/v1/chat/completions"]
             keys = sorted({e.get("key") for e in chats})
             hosts = sorted({e.get("host") for e in chats})
-            last = stats.get("last_request") or {}
-            leaked = last.get("path") == "/v1/chat/completions" and CLUSTER_HEADER in json.dumps(last.get("headers", {})).lower()
-            if len(chats) != 2 or keys != [KEYS[first]] or hosts != [f"127.0.0.1:{mock_port}"] or leaked:
+            if len(chats) != 2 or keys != [KEYS[first]] or hosts != [f"127.0.0.1:{mock_port}"]:
                 raise BenchError(f"the floor did not route as the first credential: the mock saw {len(chats)} chat "
-                                 f"requests, keys {keys}, hosts {hosts}, {CLUSTER_HEADER} "
-                                 f"{'present' if leaked else 'absent'}")
+                                 f"requests, keys {keys}, hosts {hosts}")
 
         if WARMUP:
             log(f"warm-up: {WARMUP} s per case")

@@ -2,24 +2,26 @@
 //! the router against (issue 13). Not the router, and not for production.
 //!
 //! On the request headers of a `POST /v1/...` it pauses (unless the request has no body); at the
-//! end of the body it sets the routing header ([`CLUSTER_HEADER`], which the bootstrap's
-//! `cluster_header` route reads) to one fixed cluster, overwrites `authorization` with that
-//! cluster's bearer and `:authority` with its host, clears the route cache and continues. Nothing
-//! else: no body parse, no credential selection, no shared data, no metrics, no response side.
-//! Per request that is 2 header reads, 3 header writes and 1 foreign call (`clear_route_cache`).
+//! end of the body it writes one fixed credential into the filter state the rendered bootstrap
+//! routes on ([`NEXT_PROPERTY`], as the router does), overwrites `authorization` with that
+//! cluster's bearer (and `:authority` when configured), clears the route cache and continues.
+//! Nothing else: no body parse, no credential selection, no shared data, no metrics, no response
+//! side. Per request that is 2 header reads, 1 or 2 header writes, 1 property write and 1 foreign
+//! call (`clear_route_cache`).
 //!
 //! Plugin configuration (JSON, written by bench/bench.py):
 //! `{"cluster": "bench_a", "authorization": "Bearer sk-...", "authority": "127.0.0.1:PORT"}`
-//! (`authority` may be empty: then `:authority` is left as the client sent it).
+//! (`authority` may be empty: then `:authority` is left as the client sent it; the router's
+//! bootstrap sets the provider's per attempt with `auto_host_rewrite`).
 
-/// The header the router sets for Envoy's `cluster_header` route (the same name as
-/// `filter::CLUSTER_HEADER`; a native test checks it).
-pub const CLUSTER_HEADER: &str = "x-auto-ai-router-cluster";
+/// The property the router writes for the bootstrap's routed route (the same name as
+/// `filter::retry_contract::NEXT_PROPERTY`; a native test checks it).
+pub const NEXT_PROPERTY: &str = "auto_ai_router_next";
 
 /// The floor's plugin configuration.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Cluster name for [`CLUSTER_HEADER`].
+    /// The credential (cluster) name written to [`NEXT_PROPERTY`].
     pub cluster: String,
     /// Value for `authorization` (`Bearer <key>`).
     pub authorization: String,
@@ -47,7 +49,7 @@ pub fn routes(method: &[u8], path: &[u8]) -> bool {
 
 #[cfg(target_arch = "wasm32")]
 mod wasm {
-    use super::{routes, Config, CLUSTER_HEADER};
+    use super::{routes, Config, NEXT_PROPERTY};
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, ContextType, LogLevel};
     use std::rc::Rc;
@@ -97,12 +99,12 @@ mod wasm {
     impl Floor {
         fn route(&self) {
             let c = &self.cfg;
-            self.set_http_request_header(CLUSTER_HEADER, Some(&c.cluster));
+            self.set_property(vec![NEXT_PROPERTY], Some(c.cluster.as_bytes()));
             self.set_http_request_header("authorization", Some(&c.authorization));
             if !c.authority.is_empty() {
                 self.set_http_request_header(":authority", Some(&c.authority));
             }
-            // Envoy re-matches the route, now on the cluster header (as the router does).
+            // Envoy re-matches the route, now on the filter state (as the router does).
             let _ = proxy_wasm::hostcalls::call_foreign_function("clear_route_cache", None);
         }
     }
@@ -144,8 +146,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cluster_header_is_the_routers() {
-        assert_eq!(CLUSTER_HEADER, filter::CLUSTER_HEADER);
+    fn the_routing_property_is_the_routers() {
+        assert_eq!(NEXT_PROPERTY, filter::retry_contract::NEXT_PROPERTY);
     }
 
     #[test]
