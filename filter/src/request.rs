@@ -35,6 +35,9 @@ enum Phase {
     PassThrough,
     /// An inference request whose body is being buffered and scanned.
     Body,
+    /// Waiting for the rate-limit service about a candidate (`pending`): body and trailer
+    /// callbacks keep the request paused until the reply routes or answers it.
+    Asking,
     /// Sent to credential `index`.
     Routed { index: usize },
     /// Answered locally.
@@ -164,6 +167,10 @@ impl Request {
     }
 
     pub fn on_request_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Action {
+        if self.phase == Phase::Asking {
+            // Envoy buffers the rest; the rate-limit reply resumes the request once.
+            return Action::Pause;
+        }
         if self.phase != Phase::Body {
             return Action::Continue;
         }
@@ -175,6 +182,9 @@ impl Request {
 
     /// Trailers end the body (an HTTP/2 request may end with them instead of an empty data frame).
     pub fn on_request_trailers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
+        if self.phase == Phase::Asking {
+            return Action::Pause;
+        }
         if self.phase != Phase::Body {
             return Action::Continue;
         }
@@ -298,6 +308,9 @@ impl Request {
     }
 
     pub fn on_log(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        // A client that hung up while the rate-limit service was asked: a late reply routes
+        // nothing and charges nothing.
+        self.pending = None;
         // A stream that ended without its last chunk (reset, client gone).
         self.finish_usage(rt, host);
         if let (Some(rt), Phase::Routed { index }, true) = (rt, self.phase, self.accounted) {
@@ -511,6 +524,7 @@ impl Request {
             match host.dispatch_grpc_call(crate::config::RLS_CLUSTER, rls::SERVICE, rls::METHOD, &message, g.timeout) {
                 Ok(token) => {
                     self.pending = Some(Box::new(Pending { token, walk, index, model, dispatch_ms: now, hits }));
+                    self.phase = Phase::Asking;
                     return Ok(Action::Pause);
                 }
                 Err(e) => {

@@ -295,3 +295,51 @@ fn spare_slots_of_concurrent_calls_in_one_window_add_up() {
     let admitted = (0..8).filter(|i| routed(&chat(&rt, &store, Some(&service), T0 + 10 + i)).is_some()).count();
     assert_eq!((admitted, *service.calls.borrow()), (8, 2), "both calls' 4 spare slots were kept");
 }
+
+/// A multipart upload (a route selected at the request headers, with a body behind them) paused on
+/// the rate-limit service keeps its pause through every body and trailer callback, and resumes
+/// exactly once, routed, when the service answers; a client that hangs up meanwhile is charged
+/// nothing.
+#[test]
+fn an_upload_paused_on_the_service_resumes_once_routed_whatever_arrives_meanwhile() {
+    let rt = runtime("", &[("a", 60)], 0);
+    let store = Rc::new(MemStore::default());
+    let service = Service::default();
+    let upload = |hang_up: bool| {
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF....\r\n--b--\r\n";
+        let h = MemHost::new(store.clone()).with_request(
+            &[
+                (":method", "POST"),
+                (":path", "/v1/audio/transcriptions"),
+                (":authority", "r"),
+                ("authorization", &format!("Bearer {MASTER}")),
+                ("content-type", "multipart/form-data; boundary=b"),
+            ],
+            body,
+        );
+        h.now_ms.set(T0);
+        let mut r = Request::default();
+        assert_eq!(r.on_request_headers(Some(&rt), &h, false), Action::Pause, "paused for the service");
+        assert_eq!(h.grpc_calls.borrow().len(), 1);
+        assert_eq!(r.on_request_body(Some(&rt), &h, 10, false), Action::Pause, "the first chunk");
+        assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), false), Action::Pause);
+        assert_eq!(r.on_request_trailers(Some(&rt), &h), Action::Pause, "trailers");
+        assert!(h.routed_to().is_none() && h.reply.borrow().is_none());
+        if hang_up {
+            r.on_log(Some(&rt), &h);
+        }
+        *h.grpc_reply.borrow_mut() = service.answer(&h.grpc_calls.borrow()[0].message, T0);
+        let len = h.grpc_reply.borrow().len();
+        r.on_grpc_reply(Some(&rt), &h, 1, 0, len);
+        // A duplicate reply (or any late callback) changes nothing.
+        r.on_grpc_reply(Some(&rt), &h, 1, 0, len);
+        if !hang_up {
+            assert_eq!(r.on_request_body(Some(&rt), &h, body.len(), true), Action::Continue, "routed: the body flows");
+        }
+        (h.routed_to(), h.resumed.get())
+    };
+    assert_eq!(upload(false), (Some("a".into()), 1), "resumed exactly once, routed");
+    let before = filter::balancer::rpm_current(&*store, &rt.keys[0], T0);
+    assert_eq!(upload(true), (None, 0), "the client left: nothing routed or resumed");
+    assert_eq!(filter::balancer::rpm_current(&*store, &rt.keys[0], T0), before, "nothing charged for a client that left");
+}

@@ -188,3 +188,33 @@ fn a_stalled_service_costs_one_timeout_per_breaker_period() {
     }
     assert_eq!(rls.stats().0, 1, "one call reached the service: the others skipped it while the breaker was open");
 }
+
+/// A multipart upload (`/v1/audio/transcriptions`: routed at the request headers, a body behind
+/// them) with global limits on waits for the service through its body and is routed: the provider
+/// gets the whole upload (it was a 503 `upstream_unavailable` when the body resumed the request
+/// before the service answered).
+#[test]
+fn a_multipart_upload_with_global_limits_is_routed_whole() {
+    let redis = Redis::start();
+    let rls = RlsDouble::start(&redis);
+    let a = mock("a", "sk-glob-up-a-0000", &["whisper-1"]);
+    let r = Router::start(&config(&cred("cred_a", "sk-glob-up-a-0000", &a.url(), 60), &rls, ""));
+    let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n".to_vec();
+    body.extend(std::iter::repeat_n(b'x', 300_000));
+    body.extend_from_slice(b"\r\n--XyZ--\r\n");
+    for (i, chunked) in [false, true].into_iter().enumerate() {
+        let mut req = Request::post("/v1/audio/transcriptions").bearer(MASTER).header("Content-Type", "multipart/form-data; boundary=XyZ");
+        req = if chunked {
+            let pieces: Vec<Vec<u8>> = body.chunks(64 * 1024).map(<[u8]>::to_vec).collect();
+            req.chunked(pieces, Duration::from_millis(20))
+        } else {
+            req.body(body.clone())
+        };
+        let resp = r.send(&req);
+        assert_eq!(resp.status, 200, "upload {i}: {}", resp.describe());
+        let log = api_log(&a);
+        assert_eq!(log.len(), i + 1, "{log:?}");
+        assert_eq!((log[i].path.as_str(), log[i].body_len), ("/v1/audio/transcriptions", body.len()), "the whole upload");
+    }
+    assert_eq!(rls.stats().0, 2, "one call to the service per upload");
+}
