@@ -29,7 +29,8 @@ pub struct Plan {
     pub model: Option<String>,
     /// The client's path (before any base_url prefix).
     pub path: String,
-    /// When the client's request reached the router (the route timeout counts from here).
+    /// When the router routed the request (its whole body had arrived): Envoy's route timeout,
+    /// which bounds all attempts together, counts from about here.
     pub start_ms: u64,
 }
 
@@ -137,6 +138,8 @@ pub struct Attempt {
     index: Option<usize>,
     endpoint: &'static str,
     responded: bool,
+    /// When this attempt was sent upstream.
+    sent_ms: u64,
 }
 
 impl Attempt {
@@ -180,6 +183,7 @@ impl Attempt {
         let path = format!("{}{}", cred.path_prefix, plan.path);
         host.set_request_header(":path", Some(path.as_bytes()))?;
         self.endpoint = endpoints::label(&plan.path);
+        self.sent_ms = host.now_ms();
         self.index = Some(i);
         self.plan = Some(plan);
         Ok(Action::Continue)
@@ -221,7 +225,7 @@ impl Attempt {
         let server = &rt.cfg.server;
         let status = outcome.status();
         if !matches!(outcome, Outcome::Reset) {
-            rt.account(host, index, self.endpoint, status, hints);
+            rt.account(host, index, self.endpoint, status, hints, self.sent_ms);
         }
         let Some(plan) = self.plan.as_mut() else { return };
         let attempts = plan.tried.len();

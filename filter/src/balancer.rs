@@ -42,7 +42,7 @@ impl StateKeys {
             // `3`: the record format (a new format starts its windows afresh, never refuses once).
             rate: format!("aar/rpm3/{}/{id:016x}", c.name),
             tokens: format!("aar/tpm3/{}/{id:016x}", c.name),
-            ban: format!("aar/ban/{}/{id:016x}/{p:08x}", c.name),
+            ban: format!("aar/ban3/{}/{id:016x}/{p:08x}", c.name),
             models: format!("aar/models/list/{}/{id:016x}", c.name),
             global: format!("aar/global/{}/{id:016x}", c.name),
         }
@@ -439,16 +439,25 @@ pub fn record_status(
     key: &StateKeys,
     status: u16,
     cooldown_until_ms: Option<u64>,
+    admitted_ms: u64,
     now_ms: u64,
 ) -> Result<BanEvent, UpdateError> {
     cas_update(store, &key.ban, BanRecord::decode, BanRecord::encode, |r| {
         let before = *r;
         *r = r.current(now_ms);
+        let rested_before = r.rested_until_ms;
         if let Some(until) = cooldown_until_ms {
             r.cool_down(until);
         }
-        let event =
-            if status == 429 && cooldown_until_ms.is_some() { BanEvent::Unchanged } else { r.on_status(status, now_ms, &cfg.fail2ban) };
+        let event = if status == 429 {
+            if r.is_banned(now_ms) {
+                BanEvent::Ignored
+            } else {
+                r.on_429(rested_before, admitted_ms, now_ms, &cfg.fail2ban)
+            }
+        } else {
+            r.on_status(status, now_ms, &cfg.fail2ban)
+        };
         (*r != before, event)
     })
 }
@@ -623,7 +632,7 @@ mod tests {
     }
 
     fn status(store: &MemStore, cfg: &Config, i: usize, status: u16, now_ms: u64) -> BanEvent {
-        record_status(store, cfg, &StateKeys::for_config(cfg)[i], status, None, now_ms).unwrap()
+        record_status(store, cfg, &StateKeys::for_config(cfg)[i], status, None, now_ms, now_ms).unwrap()
     }
 
     fn banned_errors(store: &MemStore, cfg: &Config, i: usize) -> u32 {
@@ -811,7 +820,7 @@ mod tests {
         let k = StateKeys::for_config(&c);
         let s = MemStore::default();
         s.fail_next_sets.set(CAS_RETRIES as u32);
-        assert_eq!(record_status(&s, &c, &k[0], 500, None, 0), Err(UpdateError::Contention));
+        assert_eq!(record_status(&s, &c, &k[0], 500, None, 0, 0), Err(UpdateError::Contention));
     }
 
     #[test]
@@ -844,7 +853,7 @@ mod tests {
         let c = cfg(&[("c1", -1), ("c2", 1)], "fail2ban: {max_attempts: 1, ban_duration: permanent, error_codes: [429]}");
         let k = StateKeys::for_config(&c);
         let s = MemStore::default();
-        assert_eq!(record_status(&s, &c, &k[0], 429, Some(30_000), 0), Ok(BanEvent::Unchanged), "cooldown, not a ban");
+        assert_eq!(record_status(&s, &c, &k[0], 429, Some(30_000), 0, 0), Ok(BanEvent::Unchanged), "cooldown, not a ban");
         assert!(matches!(pick(&s, &c, None, 1000), Selection::Chosen { index: 1, .. }), "c1 cools down; c2 serves");
         assert_eq!(pick(&s, &c, None, 2000), Selection::RateLimited { retry_after: 28 }, "c1 cooling (28 s), c2 full (59 s)");
         assert!(matches!(pick(&s, &c, None, 30_000), Selection::Chosen { index: 0, .. }), "c1 is back");
@@ -854,8 +863,22 @@ mod tests {
         assert_eq!(v["data"][0]["cooldown_until"], 30);
         assert_eq!(v["data"][1]["rpm"]["limit"], 1);
         assert!(!credential_states_json(&st, 2000).contains("key-c1"), "never the key");
-        // Without a cooldown the same 429 is a strike.
-        assert!(matches!(record_status(&s, &c, &k[0], 429, None, 40_000), Ok(BanEvent::Banned { .. })));
+        // A 429 for a request admitted before the rest ended is no strike (it was in flight)...
+        assert_eq!(record_status(&s, &c, &k[0], 429, Some(35_000), 29_000, 31_000), Ok(BanEvent::Unchanged));
+        // ...one admitted after it ended is the key failing after its rest: with 429 listed, a strike.
+        assert!(matches!(record_status(&s, &c, &k[0], 429, Some(45_000), 36_000, 40_000), Ok(BanEvent::Banned { .. })));
+        // Not listed: never.
+        let c2 = cfg(&[("c1", -1)], "fail2ban: {max_attempts: 1, ban_duration: permanent, error_codes: [500]}");
+        let k2 = StateKeys::for_config(&c2);
+        for i in 0..5u64 {
+            assert_eq!(record_status(&s, &c2, &k2[0], 429, Some(1000 * (i + 1)), 1000 * i + 500, 1000 * i + 600), Ok(BanEvent::Unchanged));
+        }
+        // A success forgets the rest: the next 429 is a first one again.
+        let c3 = cfg(&[("c9", -1)], "fail2ban: {max_attempts: 1, ban_duration: permanent}");
+        let k3 = StateKeys::new(&c3.credentials[0], &c3.fail2ban);
+        record_status(&s, &c3, &k3, 429, Some(1_000), 0, 0).unwrap();
+        record_status(&s, &c3, &k3, 200, None, 2_000, 2_000).unwrap();
+        assert_eq!(record_status(&s, &c3, &k3, 429, Some(4_000), 3_000, 3_000), Ok(BanEvent::Unchanged), "after a success");
     }
 
     #[test]

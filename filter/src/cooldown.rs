@@ -2,7 +2,9 @@
 //!
 //! - A 429 or 503 with `Retry-After` (delta-seconds or an HTTP-date) or OpenAI's
 //!   `x-ratelimit-reset-requests` cools the key down for that long.
-//! - A 429 without a hint cools it down for `server.cooldown_default`.
+//! - A 429 without a hint, or with a zero or past one (`Retry-After: 0`, an HTTP date gone by,
+//!   `x-ratelimit-reset-requests: 0s`), cools it down for `server.cooldown_default`: a 429 always
+//!   rests the key (whether it also counts for fail2ban is `fail2ban::BanRecord::on_429`'s rule).
 //! - Any response with `x-ratelimit-remaining-requests: 0` cools the key down until its
 //!   `x-ratelimit-reset-requests`, before the 429 comes.
 //!
@@ -23,8 +25,9 @@ pub const HINT_HEADERS: [&str; 3] = ["retry-after", "x-ratelimit-reset-requests"
 /// `Retry-After`: delta-seconds, or an HTTP-date (taken relative to `now_ms`).
 pub fn parse_retry_after(value: &str, now_ms: u64) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time" (the caller caps it).
+        return Some(v.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
     }
     let at = httpdate::parse_http_date(v).ok()?.duration_since(UNIX_EPOCH).ok()?;
     Some(at.saturating_sub(Duration::from_millis(now_ms)))
@@ -72,7 +75,8 @@ pub fn decide(status: u16, h: &Hints, now_ms: u64, default: Duration, max: Durat
     let reset = h.reset_requests.as_deref().and_then(parse_go_duration);
     let hinted = || h.retry_after.as_deref().and_then(|v| parse_retry_after(v, now_ms)).or(reset);
     let d = match status {
-        429 => Some(hinted().unwrap_or(default)),
+        // Zero, or a date gone by: the provider said "now", and still refused: the default rest.
+        429 => Some(hinted().filter(|d| !d.is_zero()).unwrap_or(default)),
         503 => hinted(),
         _ if h.remaining_requests.as_deref().map(str::trim) == Some("0") => reset,
         _ => None,
@@ -100,6 +104,7 @@ mod tests {
         assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_800_000), Some(Duration::ZERO), "a date in the past");
         assert_eq!(parse_retry_after("soon", 0), None);
         assert_eq!(parse_retry_after("-5", 0), None);
+        assert_eq!(parse_retry_after("99999999999999999999999", 0), Some(Duration::MAX));
     }
 
     #[test]
@@ -126,6 +131,10 @@ mod tests {
         assert_eq!(decide(200, &hints(None, Some("2s"), Some("0")), 0, D, MAX), Some(Duration::from_secs(2)), "before the 429 comes");
         assert_eq!(decide(200, &hints(None, Some("2s"), Some("3")), 0, D, MAX), None);
         assert_eq!(decide(500, &hints(Some("30"), None, None), 0, D, MAX), None);
-        assert_eq!(decide(429, &hints(Some("0"), None, None), 0, D, MAX), None, "zero: no cooldown");
+        assert_eq!(decide(429, &hints(Some("0"), None, None), 0, D, MAX), Some(D), "zero: the default rest");
+        assert_eq!(decide(429, &hints(Some("Sun, 06 Nov 1994 08:49:37 GMT"), None, None), 784_111_800_000, D, MAX), Some(D), "a past date");
+        assert_eq!(decide(429, &hints(None, Some("0s"), None), 0, D, MAX), Some(D), "reset 0s");
+        assert_eq!(decide(429, &hints(Some("99999999999999999999999"), None, None), 0, D, MAX), Some(MAX), "past u64: the cap");
+        assert_eq!(decide(503, &hints(Some("0"), None, None), 0, D, MAX), None, "a 503 saying now is fail2ban's");
     }
 }

@@ -5,17 +5,20 @@
 use crate::config::{BanDuration, Fail2Ban};
 
 /// `banned_until_ms`: 0 = not banned, `u64::MAX` = permanent. `cooldown_until_ms`: a provider
-/// asked us to leave the key alone until then (0 = no cooldown).
+/// asked us to leave the key alone until then (0 = no cooldown). `rested_until_ms`: when the
+/// latest rest since the key's last success ended (kept after it ended, 0 after a 2xx): a 429 for
+/// a request admitted after it is the key failing after its rest (see [`BanRecord::on_429`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BanRecord {
     pub errors: u32,
     pub banned_until_ms: u64,
     pub cooldown_until_ms: u64,
+    pub rested_until_ms: u64,
 }
 
 const PERMANENT: u64 = u64::MAX;
-const VERSION: u8 = 2;
-const LEN: usize = 21;
+const VERSION: u8 = 3;
+const LEN: usize = 29;
 
 /// What a response did to the credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +48,22 @@ impl BanRecord {
     pub fn cool_down(&mut self, until_ms: u64) -> bool {
         let changed = until_ms > self.cooldown_until_ms;
         self.cooldown_until_ms = self.cooldown_until_ms.max(until_ms);
+        self.rested_until_ms = self.rested_until_ms.max(until_ms);
         changed
+    }
+
+    /// A provider 429 (its cooldown already applied by the caller with [`BanRecord::cool_down`],
+    /// `rested_before` = `rested_until_ms` before that). The rule: a 429 rests the key and is no
+    /// fail2ban strike, unless 429 is in `error_codes` and the request it answers was admitted
+    /// after an earlier rest had ended (`rested_before <= admitted_ms`, with no success between):
+    /// the key keeps failing after its cooldowns. Concurrent requests admitted before the first
+    /// rest never count, however many 429s come back together.
+    pub fn on_429(&mut self, rested_before: u64, admitted_ms: u64, now_ms: u64, policy: &Fail2Ban) -> BanEvent {
+        if rested_before != 0 && rested_before <= admitted_ms {
+            self.on_status(429, now_ms, policy)
+        } else {
+            BanEvent::Unchanged
+        }
     }
 
     /// The record as it stands at `now_ms`: an expired ban has lifted and its count is reset; an
@@ -79,9 +97,12 @@ impl BanRecord {
             }
             return BanEvent::Counted { errors: self.errors };
         }
-        if (200..300).contains(&status) && self.errors != 0 {
-            self.errors = 0;
-            return BanEvent::Counted { errors: 0 };
+        if (200..300).contains(&status) {
+            self.rested_until_ms = 0;
+            if self.errors != 0 {
+                self.errors = 0;
+                return BanEvent::Counted { errors: 0 };
+            }
         }
         BanEvent::Unchanged
     }
@@ -92,17 +113,23 @@ impl BanRecord {
         out.extend_from_slice(&self.errors.to_le_bytes());
         out.extend_from_slice(&self.banned_until_ms.to_le_bytes());
         out.extend_from_slice(&self.cooldown_until_ms.to_le_bytes());
+        out.extend_from_slice(&self.rested_until_ms.to_le_bytes());
         out
     }
 
     /// `None` for a corrupt or other-version record (the caller resets it).
     pub fn decode(b: &[u8]) -> Option<BanRecord> {
         let b: &[u8; LEN] = b.try_into().ok()?;
-        let [VERSION, e0, e1, e2, e3, u0, u1, u2, u3, u4, u5, u6, u7, c @ ..] = *b else { return None };
+        let (&[VERSION], rest) = b.split_first_chunk::<1>()? else { return None };
+        let (e, rest) = rest.split_first_chunk::<4>()?;
+        let (u, rest) = rest.split_first_chunk::<8>()?;
+        let (c, rest) = rest.split_first_chunk::<8>()?;
+        let (r, _) = rest.split_first_chunk::<8>()?;
         Some(BanRecord {
-            errors: u32::from_le_bytes([e0, e1, e2, e3]),
-            banned_until_ms: u64::from_le_bytes([u0, u1, u2, u3, u4, u5, u6, u7]),
-            cooldown_until_ms: u64::from_le_bytes(c),
+            errors: u32::from_le_bytes(*e),
+            banned_until_ms: u64::from_le_bytes(*u),
+            cooldown_until_ms: u64::from_le_bytes(*c),
+            rested_until_ms: u64::from_le_bytes(*r),
         })
     }
 }
@@ -165,13 +192,13 @@ mod tests {
         let mut c = BanRecord::default();
         assert!(c.cool_down(500) && !c.cool_down(400), "a cooldown is never shortened");
         assert!(c.in_cooldown(499) && !c.current(500).in_cooldown(500));
-        assert_eq!(c.current(500), BanRecord::default());
+        assert_eq!(c.current(500), BanRecord { rested_until_ms: 500, ..BanRecord::default() }, "the rest is remembered");
         assert_eq!(r.on_status(500, 150, &p), BanEvent::Counted { errors: 1 }, "count restarts after the ban");
     }
 
     #[test]
     fn codec() {
-        let r = BanRecord { errors: 2, banned_until_ms: 12345, cooldown_until_ms: 99 };
+        let r = BanRecord { errors: 2, banned_until_ms: 12345, cooldown_until_ms: 99, rested_until_ms: 77 };
         assert_eq!(BanRecord::decode(&r.encode()), Some(r));
         assert_eq!(BanRecord::decode(&[1, 2, 3]), None);
         let mut other = r.encode();

@@ -58,6 +58,8 @@ pub struct Request {
     scanner: Option<Box<body_scan::Scanner>>,
     start_ms: u64,
     start_us: u64,
+    /// When the request was routed (sent upstream): what a provider's answer is accounted against.
+    routed_ms: u64,
     /// The response status was accounted (once per request).
     accounted: bool,
     /// The token usage of the answer, read chunk by chunk as it streams past (never held back).
@@ -227,7 +229,7 @@ impl Request {
             return Action::Continue;
         }
         match counted {
-            Some(status) => rt.account(host, index, self.endpoint, status, &head.hints),
+            Some(status) => rt.account(host, index, self.endpoint, status, &head.hints, self.routed_ms),
             None => {
                 rt.increment(host, HotKey::Rejections("upstream_overflow"));
                 rt.log(host, LogLevel::Warn, || {
@@ -593,6 +595,7 @@ impl Request {
             // The RPM gauge is refreshed on the 1 s tick from shared data (not per request).
             Selection::Chosen { index, .. } => {
                 let (Some(cred), Some(bearer)) = (rt.cfg.credentials.get(index), rt.bearer.get(index)) else { return Err(HostError(0)) };
+                self.routed_ms = host.now_ms();
                 // `:authority` stays the client's: the route is re-picked after the cache is cleared,
                 // and on a gateway with a virtual host per host name the provider's name would pick
                 // another app's (Envoy sets the provider's authority per attempt, from the endpoint).
@@ -600,8 +603,14 @@ impl Request {
                     // The upstream filter sets each attempt's key and path; here the master key
                     // only has to go (so it can't leave Envoy whatever the bootstrap).
                     host.set_request_header("authorization", None)?;
-                    let plan =
-                        attempt::Plan { tried: vec![index as u16], model: model.clone(), path: self.path.clone(), start_ms: self.start_ms };
+                    // Envoy's route timeout starts about now (the router gets the whole request), not at
+                    // the request headers: an upload or a rate-limit wait is not attempt time.
+                    let plan = attempt::Plan {
+                        tried: vec![index as u16],
+                        model: model.clone(),
+                        path: self.path.clone(),
+                        start_ms: self.routed_ms,
+                    };
                     attempt::write_plan(host, &plan, &cred.name)?;
                 } else {
                     host.set_request_header("authorization", Some(bearer.as_bytes()))?;

@@ -227,17 +227,19 @@ impl Runtime {
         host.increment_metric(ids[1], i64::try_from(completion).unwrap_or(i64::MAX));
     }
 
-    /// One upstream answer of credential `index`: its cooldown (if the provider asked for one),
-    /// fail2ban, and `requests_total`. Used per request (retries off) and per attempt (retries on).
-    pub fn account(&self, host: &dyn Host, index: usize, endpoint: &'static str, status: u16, hints: &Hints) {
+    /// One upstream answer of credential `index` to a request admitted (sent to it) at
+    /// `admitted_ms`: its cooldown (if the provider asked for one), fail2ban, and `requests_total`.
+    /// Used per request (retries off) and per attempt (retries on).
+    pub fn account(&self, host: &dyn Host, index: usize, endpoint: &'static str, status: u16, hints: &Hints, admitted_ms: u64) {
         let (Some(cred), Some(key)) = (self.cfg.credentials.get(index), self.keys.get(index)) else { return };
         let now = host.now_ms();
         let server = &self.cfg.server;
         let cooldown = cooldown::decide(status, hints, now, server.cooldown_default, server.cooldown_max)
             .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
-        match balancer::record_status(host, &self.cfg, key, status, cooldown, now) {
+        match balancer::record_status(host, &self.cfg, key, status, cooldown, admitted_ms, now) {
             Ok(event) => {
-                if self.cfg.fail2ban.error_codes.contains(&status) && event != BanEvent::Ignored {
+                // A strike (not a 429 that only rested the key, nor an answer while banned).
+                if matches!(event, BanEvent::Counted { errors: 1.. } | BanEvent::Banned { .. }) {
                     self.increment(host, HotKey::Errors(index));
                 }
                 if let BanEvent::Banned { until_ms } = event {

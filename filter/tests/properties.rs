@@ -168,7 +168,7 @@ proptest! {
                 errors = 0;
                 banned_at = None;
             }
-            balancer::record_status(&s, &c, &keys[0], *status, None, now).unwrap();
+            balancer::record_status(&s, &c, &keys[0], *status, None, now, now).unwrap();
             if banned_at.is_none() {
                 if c.fail2ban.error_codes.contains(status) {
                     errors += 1;

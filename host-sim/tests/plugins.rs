@@ -81,7 +81,7 @@ fn two_plugins_in_one_vm_each_with_its_own_configuration() {
     vm.respond(&ex, 500, &[], b"{}");
     // one VM, one shared-data store: both plugins' records (fail2ban counts) are in it
     let keys = host.shared_data_keys();
-    assert!(keys.iter().any(|k| k.starts_with("aar/ban/a/")) && keys.iter().any(|k| k.starts_with("aar/ban/b/")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("aar/ban3/a/")) && keys.iter().any(|k| k.starts_with("aar/ban3/b/")), "{keys:?}");
 }
 
 /// A body that ends with HTTP/2 trailers (no end-of-stream data frame) is routed: trailers end the

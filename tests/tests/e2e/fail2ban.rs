@@ -183,3 +183,36 @@ fn a_circuit_breaker_overflow_is_never_a_strike() {
         }
     }
 }
+
+/// A 429 that says "now" (`Retry-After: 0`, an HTTP date gone by, `x-ratelimit-reset-requests:
+/// 0s`) rests the key for `cooldown_default` and is no strike: three of them at once ban nothing
+/// (they were one strike each, a ban, before).
+#[test]
+fn three_429s_that_say_now_rest_the_key_and_ban_nothing() {
+    let a = mock("a", "sk-f2b-ra0-a-000", &["gpt-4o"]);
+    let cfg = format!(
+        "server:\n  master_key: \"{MASTER}\"\n  max_provider_retries: 0\n  cooldown_default: 1s\ncredentials:\n{}fail2ban:\n  max_attempts: 3\n",
+        cred("cred_a", "sk-f2b-ra0-a-000", &a.url(), -1),
+    );
+    let r = Router::start(&cfg);
+    for hint in
+        [json!({"retry-after": "0"}), json!({"retry-after": "Sun, 06 Nov 1994 08:49:37 GMT"}), json!({"x-ratelimit-reset-requests": "0s"})]
+    {
+        control(&a, json!({"fail_next": 3, "fail_status": 429, "fail_headers": hint, "delay_ms": 300}));
+        let statuses: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3).map(|_| s.spawn(|| r.chat("gpt-4o"))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).map(|x| (x.status, x.header("x-mock-provider").map(str::to_string))).collect()
+        });
+        assert!(statuses.iter().all(|(s, p)| *s == 429 && p.as_deref() == Some("a")), "{hint}: the provider's own 429s: {statuses:?}");
+        let (_, h) = r.health();
+        assert_eq!(h["credentials_banned"], 0, "{hint}: banned after three 429s: {h}");
+        // Resting (the router's own 429 with Retry-After), then back after cooldown_default.
+        let rest = r.chat("gpt-4o");
+        assert_eq!((rest.status, rest.header("x-mock-provider")), (429, None), "{hint}: {}", rest.describe());
+        control(&a, json!({"delay_ms": 0}));
+        std::thread::sleep(Duration::from_millis(1100));
+        let ok = r.chat("gpt-4o");
+        assert_eq!(ok.status, 200, "{hint}: {}", ok.describe());
+    }
+    assert_eq!(r.metric("auto_ai_router_credential_errors_total", &[("credential", "cred_a")]).unwrap_or(0.0), 0.0, "no strike counted");
+}
