@@ -24,8 +24,14 @@ use crate::runtime::{HotKey, Runtime};
 /// What the attempts of one request share, kept in filter state (`retry_contract::PLAN_PROPERTY`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Credentials tried so far, in order; the last is the current attempt's.
+    /// Credentials tried so far, in order; the last is the current attempt's (or, after a failed
+    /// attempt, the next one's, picked and charged before Envoy retries).
     pub tried: Vec<u16>,
+    /// How many of `tried` had an attempt start (the first always does; a retry's attempt writes
+    /// it). `tried.len() > started`: the last pick was never used (Envoy did not retry).
+    pub started: u8,
+    /// When the last pick was charged (its RPM bucket, for taking it back if unused).
+    pub picked_ms: u64,
     pub model: Option<String>,
     /// The client's path (before any base_url prefix).
     pub path: String,
@@ -34,18 +40,20 @@ pub struct Plan {
     pub start_ms: u64,
 }
 
-const PLAN_VERSION: u8 = 2;
+const PLAN_VERSION: u8 = 3;
 
 impl Plan {
     pub fn encode(&self) -> Vec<u8> {
         let model = self.model.as_deref().unwrap_or_default().as_bytes();
-        let mut out = Vec::with_capacity(5 + 2 * self.tried.len() + model.len() + self.path.len());
+        let mut out = Vec::with_capacity(14 + 2 * self.tried.len() + model.len() + self.path.len());
         out.push(PLAN_VERSION);
         out.extend_from_slice(&self.start_ms.to_le_bytes());
         out.push(self.tried.len().min(255) as u8);
         for i in self.tried.iter().take(255) {
             out.extend_from_slice(&i.to_le_bytes());
         }
+        out.push(self.started);
+        out.extend_from_slice(&self.picked_ms.to_le_bytes());
         out.push(self.model.is_some() as u8);
         out.extend_from_slice(&(model.len().min(u16::MAX as usize) as u16).to_le_bytes());
         out.extend_from_slice(model.get(..model.len().min(u16::MAX as usize)).unwrap_or_default());
@@ -54,24 +62,35 @@ impl Plan {
     }
 
     pub fn decode(b: &[u8]) -> Option<Plan> {
-        let (&[PLAN_VERSION], rest) = b.split_first_chunk::<1>()? else { return None };
-        let (start, rest) = rest.split_first_chunk::<8>()?;
-        let (&[n], rest) = rest.split_first_chunk::<1>()?;
-        let (tried, rest) = rest.split_at_checked(2 * n as usize)?;
-        let tried = tried.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let (head, rest) = PlanHead::decode(b)?;
+        let tried = head.tried.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let (&[has_model, l0, l1], rest) = rest.split_first_chunk::<3>()?;
         let (model, path) = rest.split_at_checked(u16::from_le_bytes([l0, l1]) as usize)?;
         let model = (has_model == 1).then(|| String::from_utf8(model.to_vec()).ok()).flatten();
-        Some(Plan { tried, model, path: String::from_utf8(path.to_vec()).ok()?, start_ms: u64::from_le_bytes(*start) })
+        Some(Plan {
+            tried,
+            started: head.started,
+            picked_ms: head.picked_ms,
+            model,
+            path: String::from_utf8(path.to_vec()).ok()?,
+            start_ms: head.start_ms,
+        })
     }
 
     /// The current attempt's credential straight from the encoded plan (the downstream response
     /// path needs only that: no model or path is decoded).
     pub fn decode_current(b: &[u8]) -> Option<usize> {
-        let (&[PLAN_VERSION], rest) = b.split_first_chunk::<1>()? else { return None };
-        let (&[n], rest) = rest.get(8..)?.split_first_chunk::<1>()?;
-        let last = rest.get(2 * (n as usize).checked_sub(1)?..2 * n as usize)?;
+        let (head, _) = PlanHead::decode(b)?;
+        let last = head.tried.get(head.tried.len().checked_sub(2)?..)?;
         Some(u16::from_le_bytes([*last.first()?, *last.get(1)?]) as usize)
+    }
+
+    /// The last pick and when it was charged, when no attempt used it (Envoy did not retry: the
+    /// answer went to the client, or the client left); nothing is decoded beyond the header.
+    pub fn unused_pick(b: &[u8]) -> Option<(usize, u64)> {
+        let (head, _) = PlanHead::decode(b)?;
+        let n = head.tried.len() / 2;
+        (n > head.started as usize && n > 1).then(|| Plan::decode_current(b).map(|i| (i, head.picked_ms))).flatten()
     }
 
     pub fn current(&self) -> Option<usize> {
@@ -80,6 +99,26 @@ impl Plan {
 
     pub fn tried_indices(&self) -> Vec<usize> {
         self.tried.iter().map(|i| *i as usize).collect()
+    }
+}
+
+/// The fixed part of an encoded plan, borrowed.
+struct PlanHead<'a> {
+    start_ms: u64,
+    tried: &'a [u8],
+    started: u8,
+    picked_ms: u64,
+}
+
+impl<'a> PlanHead<'a> {
+    fn decode(b: &'a [u8]) -> Option<(PlanHead<'a>, &'a [u8])> {
+        let (&[PLAN_VERSION], rest) = b.split_first_chunk::<1>()? else { return None };
+        let (start, rest) = rest.split_first_chunk::<8>()?;
+        let (&[n], rest) = rest.split_first_chunk::<1>()?;
+        let (tried, rest) = rest.split_at_checked(2 * n as usize)?;
+        let (&[started], rest) = rest.split_first_chunk::<1>()?;
+        let (picked, rest) = rest.split_first_chunk::<8>()?;
+        Some((PlanHead { start_ms: u64::from_le_bytes(*start), tried, started, picked_ms: u64::from_le_bytes(*picked) }, rest))
     }
 }
 
@@ -185,6 +224,12 @@ impl Attempt {
         self.endpoint = endpoints::label(&plan.path);
         self.sent_ms = host.now_ms();
         self.index = Some(i);
+        let mut plan = plan;
+        if plan.tried.len() > plan.started as usize {
+            // A retry's attempt: its pick is used (only retries pay this write).
+            plan.started = plan.tried.len().min(255) as u8;
+            host.set_property(PLAN_PROPERTY, &plan.encode())?;
+        }
         self.plan = Some(plan);
         Ok(Action::Continue)
     }
@@ -249,6 +294,7 @@ impl Attempt {
             return;
         };
         plan.tried.push(next as u16);
+        plan.picked_ms = host.now_ms();
         if write_plan(host, plan, name).is_err() {
             return;
         }
@@ -299,12 +345,22 @@ mod tests {
 
     #[test]
     fn plan_codec() {
-        let p = Plan { tried: vec![0, 3], model: Some("gpt-4o".into()), path: "/v1/chat/completions?x=é".into(), start_ms: 77 };
+        let p = Plan {
+            tried: vec![0, 3],
+            started: 1,
+            picked_ms: 99,
+            model: Some("gpt-4o".into()),
+            path: "/v1/chat/completions?x=é".into(),
+            start_ms: 77,
+        };
         assert_eq!(Plan::decode(&p.encode()), Some(p.clone()));
-        let none = Plan { tried: vec![1], model: None, path: "/v1/files".into(), start_ms: 0 };
+        assert_eq!(Plan::unused_pick(&p.encode()), Some((3, 99)), "picked after attempt 1, never started");
+        assert_eq!(Plan::unused_pick(&Plan { started: 2, ..p.clone() }.encode()), None, "used");
+        let none = Plan { tried: vec![1], started: 1, model: None, path: "/v1/files".into(), ..Plan::default() };
+        assert_eq!(Plan::unused_pick(&none.encode()), None, "the first pick is the request's own");
         assert_eq!(Plan::decode(&none.encode()), Some(none.clone()));
         let bytes = p.encode();
-        for cut in 0..15 {
+        for cut in 0..24 {
             assert_eq!(Plan::decode(&bytes[..cut]), None, "{cut}");
         }
         assert_eq!(Plan::decode(b""), None);

@@ -391,6 +391,30 @@ fn peek(store: &dyn SharedStore, key: &StateKeys, rpm: Rpm, model_limit: Option<
     }
 }
 
+/// Takes back the local admission of a pick that was never used (a retry's next credential when
+/// Envoy did not retry), charged at `at_ms`. Without global limits' local share: a pick made
+/// while the service was down and `local` was charged to the shared window too, so taking one
+/// back there is right as well.
+pub fn refund(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    key: &StateKeys,
+    index: usize,
+    model: Option<&str>,
+    at_ms: u64,
+) -> Result<(), UpdateError> {
+    let Some(cred) = cfg.credentials.get(index) else { return Ok(()) };
+    let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
+    if cred.rpm == Rpm::Unlimited && !matches!(model_limit, Some((_, Rpm::Limit(_)))) {
+        return Ok(());
+    }
+    cas_update(store, &key.rate, RateRecord::decode, RateRecord::encode, |r| {
+        let before = r.clone();
+        r.refund(at_ms / 1000, cred.rpm, model_limit);
+        (*r != before, ())
+    })
+}
+
 /// Charges the local windows (with this replica's share of the limits while the service is down
 /// and `on_unavailable: local`).
 fn charge(

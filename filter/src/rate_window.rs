@@ -143,6 +143,21 @@ impl Window {
         *c = c.saturating_add(n);
     }
 
+    /// Takes back one admission charged at `at_s`, if its bucket still counts (a pick that was
+    /// never used); true if one was taken back.
+    pub fn uncharge(&mut self, at_s: u64) -> bool {
+        let s = at_s as u32;
+        if self.is_empty() || s > self.last || s + (WINDOW_SECS as u32) < self.last {
+            return false;
+        }
+        let c = &mut self.counts[slot(s)];
+        if *c == 0 {
+            return false;
+        }
+        *c -= 1;
+        true
+    }
+
     fn encoded_len(&self) -> usize {
         if self.is_empty() {
             1
@@ -261,6 +276,20 @@ impl RateRecord {
             }
         }
         Ok(())
+    }
+
+    /// Takes back an admission [`RateRecord::try_admit`] charged at `at_s` with the same limits
+    /// (a retry's pick Envoy never used).
+    pub fn refund(&mut self, at_s: u64, credential_rpm: Rpm, model: Option<(&str, Rpm)>) {
+        if credential_rpm != Rpm::Unlimited {
+            self.credential.uncharge(at_s);
+        }
+        if let Some((name, Rpm::Limit(_))) = model {
+            let id = model_id(name);
+            if let Some((_, w)) = self.models.iter_mut().find(|(m, _)| *m == id) {
+                w.uncharge(at_s);
+            }
+        }
     }
 
     /// TPM: `Ok` while the credential's tokens in the window, and the (credential, model)'s, are

@@ -211,10 +211,13 @@ impl Request {
         if rt.retries_on() {
             // The upstream filter accounted every attempt; the answer is the last credential's.
             let plan = host.property(&[crate::retry_contract::PLAN_PROPERTY]).ok().flatten();
-            if let Some(last) = plan.and_then(|b| attempt::Plan::decode_current(&b)) {
-                self.phase = Phase::Routed { index: last };
-                if let Some(model) = &self.model {
-                    rt.count_model(host, last, model);
+            if let Some(plan) = plan {
+                self.refund_unused_pick(rt, host, &plan);
+                if let Some(last) = attempt::Plan::decode_current(&plan) {
+                    self.phase = Phase::Routed { index: last };
+                    if let Some(model) = &self.model {
+                        rt.count_model(host, last, model);
+                    }
                 }
             }
         }
@@ -309,10 +312,29 @@ impl Request {
         }
     }
 
+    /// A retry's next credential was picked and charged after a failed attempt, but Envoy did not
+    /// retry (the answer went to the client, or the client left): its slot goes back.
+    fn refund_unused_pick(&self, rt: &Runtime, host: &dyn Host, plan: &[u8]) {
+        let Some((index, at_ms)) = attempt::Plan::unused_pick(plan) else { return };
+        let Some(key) = rt.keys.get(index) else { return };
+        if balancer::refund(host, &rt.cfg, key, index, self.model.as_deref(), at_ms).is_err() {
+            rt.increment(host, HotKey::StateConflicts(index));
+        }
+    }
+
     pub fn on_log(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
         // A client that hung up while the rate-limit service was asked: a late reply routes
         // nothing and charges nothing.
         self.pending = None;
+        // Routed with retries, and no answer reached the response path (the client left, or
+        // Envoy gave up): a next credential picked meanwhile was never used.
+        if let (Some(rt), Phase::Routed { .. }, false) = (rt, self.phase, self.accounted) {
+            if rt.retries_on() {
+                if let Some(plan) = host.property(&[crate::retry_contract::PLAN_PROPERTY]).ok().flatten() {
+                    self.refund_unused_pick(rt, host, &plan);
+                }
+            }
+        }
         // A stream that ended without its last chunk (reset, client gone).
         self.finish_usage(rt, host);
         if let (Some(rt), Phase::Routed { index }, true) = (rt, self.phase, self.accounted) {
@@ -607,6 +629,8 @@ impl Request {
                     // the request headers: an upload or a rate-limit wait is not attempt time.
                     let plan = attempt::Plan {
                         tried: vec![index as u16],
+                        started: 1,
+                        picked_ms: 0,
                         model: model.clone(),
                         path: self.path.clone(),
                         start_ms: self.routed_ms,

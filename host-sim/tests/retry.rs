@@ -242,3 +242,41 @@ fn an_attempt_cut_by_the_route_timeout_counts_504_and_is_not_retried() {
     assert_eq!(next(&vm, &ex).as_deref(), Some("a"), "the time is spent: nothing more is chosen (or charged)");
     assert!(host.metrics().iter().any(|(_, k, v)| k.contains("credential=.=a;.;") && k.contains("status=.=504;.;") && *v == 1));
 }
+
+/// A retry's next key is picked and charged when an attempt fails, but when Envoy does not retry
+/// (the answer goes to the client, or the client hangs up) the slot goes back: a key is charged
+/// only for attempts it really gets.
+#[test]
+fn a_pick_envoy_never_uses_is_given_back() {
+    let host = Host::new();
+    let mut vm = self::vm(&host, "", 1);
+    let rpm_b = |vm: &mut Vm| state(&credentials(vm), "b")["rpm"]["used"].as_u64();
+    // The answer goes to the client (here: Envoy declined to retry): b's slot comes back.
+    let ex = vm.post(CHAT, MASTER, BODY);
+    let up = vm.upstream_request(&ex, UP, "a");
+    vm.respond(&up, 503, &[], b"{}");
+    assert_eq!(next(&vm, &ex).as_deref(), Some("b"));
+    assert_eq!(rpm_b(&mut vm), Some(1), "charged when picked");
+    vm.respond(&ex, 503, &[], b"{}");
+    assert_eq!(rpm_b(&mut vm), Some(0), "given back: Envoy never sent the attempt");
+    // The client hangs up after the failed attempt: given back as well.
+    let host = Host::new();
+    let mut vm = self::vm(&host, "", 1);
+    let ex = vm.post(CHAT, MASTER, BODY);
+    let up = vm.upstream_request(&ex, UP, "a");
+    vm.abort(&up);
+    assert_eq!(next(&vm, &ex).as_deref(), Some("b"));
+    assert_eq!(rpm_b(&mut vm), Some(1));
+    vm.abort(&ex);
+    assert_eq!(rpm_b(&mut vm), Some(0), "the client left before the retry");
+    // Envoy does retry: b's slot stays charged.
+    let host = Host::new();
+    let mut vm = self::vm(&host, "", 1);
+    let ex = vm.post(CHAT, MASTER, BODY);
+    let up = vm.upstream_request(&ex, UP, "a");
+    vm.respond(&up, 503, &[], b"{}");
+    let up = vm.upstream_request(&ex, UP, "b");
+    vm.respond(&up, 200, &[], b"{}");
+    vm.respond(&ex, 200, &[], b"{}");
+    assert_eq!(rpm_b(&mut vm), Some(1), "used");
+}
