@@ -265,6 +265,10 @@ fn routed_route(p: &Prepared, timeout: &str, body_limit: u64) -> Value {
             // Another key, not the same one later: retry at once (Envoy's minimum is 1 ms).
             "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
         });
+        if let Some(d) = p.config.server.attempt_timeout {
+            // An attempt without response headers by then is abandoned and retried elsewhere.
+            route["route"]["retry_policy"]["per_try_timeout"] = json!(duration_ms(d));
+        }
         // The retry flag is between the upstream filter and the router: never to the client.
         route["response_headers_to_remove"] = json!([retry_contract::RETRY_HEADER]);
     }
@@ -896,8 +900,11 @@ mod tests {
             routed["request_body_buffer_limit"],
             "the body is buffered before routing"
         );
-        // The default is 2.
+        // The default is 2; no per-try timeout unless server.attempt_timeout is set.
         assert_eq!(at(route(&two_credentials(""), ROUTED_ROUTE), "/route/retry_policy/num_retries"), 2);
+        assert!(policy.get("per_try_timeout").is_none());
+        let timed = two_credentials("  attempt_timeout: 1500ms\n");
+        assert_eq!(at(route(&timed, ROUTED_ROUTE), "/route/retry_policy/per_try_timeout"), "1.500s");
     }
 
     #[test]

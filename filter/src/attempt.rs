@@ -250,14 +250,19 @@ impl Attempt {
         let (Some(rt), Some(index), Some(plan), false) = (rt, self.index, self.plan.as_ref(), self.responded) else { return };
         self.responded = true;
         let transport = host.property(&["upstream", "transport_failure_reason"]).ok().flatten().filter(|r| !r.is_empty());
-        let elapsed = host.now_ms().saturating_sub(plan.start_ms);
-        // The route timeout bounds all attempts together (no per-try timeout is set), so an attempt
-        // that ends without a response when it is spent timed out.
-        let timed_out = rt.cfg.server.request_timeout.is_some_and(|t| elapsed.saturating_add(TIMEOUT_SLACK_MS) >= t.as_millis() as u64);
+        let now = host.now_ms();
+        let spent = |since: u64, limit: Option<std::time::Duration>| {
+            limit.is_some_and(|t| now.saturating_sub(since).saturating_add(TIMEOUT_SLACK_MS) >= t.as_millis() as u64)
+        };
+        // The route timeout bounds all attempts together (from when the request was routed); an
+        // attempt that ends without a response when it is spent timed out, with nothing left to
+        // retry in. `attempt_timeout` (Envoy's per-try timeout) bounds one attempt: it is retried.
         let outcome = if transport.is_some() {
             Outcome::NoResponse(502)
-        } else if timed_out {
+        } else if spent(plan.start_ms, rt.cfg.server.request_timeout) {
             Outcome::TimedOut
+        } else if spent(self.sent_ms, rt.cfg.server.attempt_timeout) {
+            Outcome::AttemptTimedOut
         } else {
             // A reset before any response, from the provider's side or the client's: not the key's
             // fault for sure, so no strike; the next attempt (if Envoy makes one) goes elsewhere.
@@ -277,7 +282,8 @@ impl Attempt {
         if let Outcome::Response(_) = outcome {
             let _ = host.set_response_header(ATTEMPTS_HEADER, Some(attempts.to_string().as_bytes()));
         }
-        let failed = matches!(outcome, Outcome::NoResponse(_) | Outcome::Reset) || server.retry_on_status.contains(&status);
+        let failed = matches!(outcome, Outcome::NoResponse(_) | Outcome::Reset | Outcome::AttemptTimedOut)
+            || server.retry_on_status.contains(&status);
         if !failed || matches!(outcome, Outcome::TimedOut) || attempts > server.max_provider_retries as usize {
             return;
         }
@@ -308,6 +314,7 @@ impl Attempt {
             Outcome::Response(s) => s,
             Outcome::NoResponse(_) | Outcome::TimedOut => 0,
             Outcome::Reset => 1,
+            Outcome::AttemptTimedOut => 504,
         };
         rt.increment(host, HotKey::Retries(index, reason));
         rt.log(host, LogLevel::Debug, || format!("auto-ai-router: attempt {attempts} got {status}; retrying on credential {name}"));
@@ -325,6 +332,8 @@ enum Outcome {
     NoResponse(u16),
     /// The route timeout ended it: counted as 504, never retried (the time is spent).
     TimedOut,
+    /// `server.attempt_timeout` ended it (no response headers in time): 504, retried elsewhere.
+    AttemptTimedOut,
     /// Reset before any response, by either side: no strike.
     Reset,
 }
@@ -333,7 +342,7 @@ impl Outcome {
     fn status(self) -> u16 {
         match self {
             Outcome::Response(s) | Outcome::NoResponse(s) => s,
-            Outcome::TimedOut => 504,
+            Outcome::TimedOut | Outcome::AttemptTimedOut => 504,
             Outcome::Reset => 0,
         }
     }

@@ -92,6 +92,8 @@ pub struct RawServer {
     pub cooldown_max: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_idle_timeout: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_timeout: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -265,6 +267,8 @@ pub struct Server {
     pub cooldown_max: Duration,
     /// The longest pause between body bytes before the request is routed (None = no limit).
     pub body_idle_timeout: Option<Duration>,
+    /// An attempt with no response headers by then is abandoned for another key (None = off).
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Server {
@@ -471,6 +475,27 @@ fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Resul
             d => d,
         },
     };
+    let attempt_timeout = match &s.attempt_timeout {
+        None => None,
+        Some(v) => match parse_duration("server.attempt_timeout", v, false)? {
+            Some(d) if d < Duration::from_millis(100) => return Err(invalid("server.attempt_timeout", v, "use at least 100ms")),
+            Some(_) if max_provider_retries == 0 => {
+                return Err(invalid(
+                    "server.attempt_timeout",
+                    v,
+                    "it abandons a silent attempt for another key: set server.max_provider_retries above 0, or remove it",
+                ))
+            }
+            Some(d) if request_timeout.is_some_and(|r| d >= r) => {
+                return Err(invalid(
+                    "server.attempt_timeout",
+                    v,
+                    "it must be shorter than server.request_timeout, which bounds every attempt together",
+                ))
+            }
+            d => d,
+        },
+    };
     Ok(Server {
         port,
         master_key,
@@ -486,6 +511,7 @@ fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Resul
         cooldown_default,
         cooldown_max,
         body_idle_timeout,
+        attempt_timeout,
     })
 }
 
@@ -983,6 +1009,11 @@ monitoring:
             ("cooldown_default: 20m", "server.cooldown_default: \"20m\" is invalid (server.cooldown_default (20m) must not be longer than server.cooldown_max (10m))"),
             ("cooldown_max: 1s", "server.cooldown_max: \"1s\" is invalid (server.cooldown_default (5s) must not be longer than server.cooldown_max (1s))"),
             ("retry_statuses: [500]", "unknown field `retry_statuses`"),
+            ("attempt_timeout: 10ms", "server.attempt_timeout: \"10ms\" is invalid (use at least 100ms)"),
+            ("attempt_timeout: 30s, max_provider_retries: 0", "server.attempt_timeout: \"30s\" is invalid (it abandons a silent attempt for another key"),
+            ("attempt_timeout: 10m", "server.attempt_timeout: \"10m\" is invalid (it must be shorter than server.request_timeout"),
+            ("attempt_timeout: -1", "server.attempt_timeout: -1 is invalid"),
+            ("body_idle_timeout: 5ms", "server.body_idle_timeout: \"5ms\" is invalid (use at least 100ms"),
         ];
         for (extra, want) in cases {
             let e = server(extra).unwrap_err().to_string();

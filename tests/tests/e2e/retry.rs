@@ -325,3 +325,28 @@ fn a_client_that_hangs_up_is_not_a_provider_failure() {
     let resp = r.chat("gpt-4o");
     assert_eq!(resp.status, 200, "{}", resp.describe());
 }
+
+/// `server.attempt_timeout`: a key that accepts and never answers is abandoned after it and the
+/// request is retried on another key, well within `request_timeout`; the silent key takes a 504
+/// strike.
+#[test]
+fn a_silent_key_is_abandoned_after_attempt_timeout_and_retried_elsewhere() {
+    let a = mock("a", KEY_A, &["gpt-4o"]);
+    let b = mock("b", KEY_B, &["gpt-4o"]);
+    control(&a, json!({"delay_ms": 8000}));
+    let r = Router::start(&config(
+        "  attempt_timeout: 1s\n  request_timeout: 20s\n",
+        &[cred("cred_a", KEY_A, &a.url(), -1), cred("cred_b", KEY_B, &b.url(), -1)],
+    ));
+    // A fresh router's cursor starts at cred_a.
+    let start = Instant::now();
+    let resp = r.send(&Request::chat(MASTER, "gpt-4o"));
+    let took = start.elapsed();
+    assert_eq!((resp.status, resp.header("x-mock-provider")), (200, Some("b")), "{}", resp.describe());
+    assert_eq!(resp.header(ATTEMPTS_HEADER), Some("2"));
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}: not retried at the attempt timeout");
+    let creds = Request::get("/v1/credentials").bearer(MASTER).send(r.addr).unwrap().json();
+    let a_state = creds["data"].as_array().unwrap().iter().find(|c| c["name"] == "cred_a").unwrap().clone();
+    assert_eq!(a_state["consecutive_errors"], 1, "a 504 strike for the silent key: {a_state}");
+    assert_eq!(r.metric("auto_ai_router_retries_total", &[("credential", "cred_a"), ("reason", "504")]), Some(1.0));
+}
