@@ -144,9 +144,13 @@ fn check_ban(store: &dyn SharedStore, key: &str, now_ms: u64) -> BanCheck {
 /// rate-limit service about one candidate, then resumed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Walk {
+    /// The claimed position in the round-robin schedule (`Config::schedule`).
     start: usize,
-    /// Candidates looked at so far.
+    /// Schedule positions looked at so far.
     k: usize,
+    /// Credentials already looked at (a weighted schedule names one several times); empty while
+    /// the schedule names each once.
+    seen: Vec<u64>,
     serving: usize,
     banned: usize,
     busy: usize,
@@ -156,6 +160,20 @@ pub struct Walk {
 }
 
 impl Walk {
+    /// Marks credential `i` looked at; false if it already was (its turn came up again).
+    fn first_look(&mut self, i: usize, weighted: bool) -> bool {
+        if !weighted {
+            return true;
+        }
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        let fresh = self.seen[word] & bit == 0;
+        self.seen[word] |= bit;
+        fresh
+    }
+
     fn refused_for(&mut self, r: u64) {
         self.retry_after = Some(self.retry_after.map_or(r, |x| x.min(r)));
     }
@@ -207,22 +225,25 @@ pub fn select_with(
     global: &mut dyn GlobalGate,
 ) -> Selection {
     let n = cfg.credentials.len().min(keys.len());
-    if n == 0 {
+    let w = cfg.schedule.len();
+    if n == 0 || w == 0 {
         return Selection::Busy;
     }
+    let weighted = w != n;
     if walk.k == 0 {
-        walk.start = claim_cursor(store, n);
+        walk.start = claim_cursor(store, w);
     }
     let now_s = now_ms / 1000;
     let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
     let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
-    while walk.k < n {
-        let i = (walk.start + walk.k) % n;
+    while walk.k < w {
+        let pos = (walk.start + walk.k) % w;
+        let i = cfg.schedule.get(pos).map_or(usize::MAX, |i| *i as usize);
         let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) else {
             walk.k += 1;
             continue;
         };
-        if exclude.contains(&i) || model.is_some_and(|m| !serves(i, m)) {
+        if !walk.first_look(i, weighted) || exclude.contains(&i) || model.is_some_and(|m| !serves(i, m)) {
             walk.k += 1;
             continue;
         }
@@ -233,7 +254,7 @@ pub fn select_with(
             continue;
         }
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
-            return chosen(store, walk, n, i, 0);
+            return chosen(store, walk, w, i, 0);
         }
         // No call to the service for a key whose local window is full anyway.
         let gate = match &cfg.global {
@@ -246,7 +267,7 @@ pub fn select_with(
                 return Selection::Ask { index: i, hits };
             }
             Ok(gate) => match admit(store, cfg, cred, key, model_limit, gate, now_s) {
-                Ok(rpm_current) => return chosen(store, walk, n, i, rpm_current),
+                Ok(rpm_current) => return chosen(store, walk, w, i, rpm_current),
                 Err(skip) => walk.skip(skip),
             },
             Err(skip) => walk.skip(skip),
@@ -320,14 +341,14 @@ pub fn resume(
     gate: Gate,
     global: &mut dyn GlobalGate,
 ) -> (Selection, bool) {
-    let n = cfg.credentials.len().min(keys.len());
-    let i = (walk.start + walk.k) % n.max(1);
+    let w = cfg.schedule.len();
+    let i = cfg.schedule.get((walk.start + walk.k) % w.max(1)).map_or(usize::MAX, |i| *i as usize);
     walk.serving += 1;
     let mut unused = false;
     if let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) {
         let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
         match admit(store, cfg, cred, key, model_limit, gate, now_ms / 1000) {
-            Ok(rpm_current) => return (chosen(store, walk, n, i, rpm_current), false),
+            Ok(rpm_current) => return (chosen(store, walk, w, i, rpm_current), false),
             Err(skip) => {
                 // Admitted by the service, refused by the local window meanwhile.
                 unused = gate == Gate::Pass;
@@ -361,9 +382,11 @@ impl Walk {
     }
 }
 
-fn chosen(store: &dyn SharedStore, walk: &Walk, n: usize, index: usize, rpm_current: u32) -> Selection {
-    if index != walk.start {
-        advance_cursor_past(store, (walk.start + 1) % n, index, n);
+/// Credential `index`, at schedule position `start + k` of `w`, is chosen: the cursor moves past
+/// that position when candidates were skipped to reach it.
+fn chosen(store: &dyn SharedStore, walk: &Walk, w: usize, index: usize, rpm_current: u32) -> Selection {
+    if walk.k != 0 {
+        advance_cursor_past(store, (walk.start + 1) % w, (walk.start + walk.k) % w, w);
     }
     Selection::Chosen { index, rpm_current }
 }
@@ -945,5 +968,56 @@ mod tests {
         let unlimited = cfg(&[("u", -1)], "");
         charge_tokens(&s, &unlimited, 0, &StateKeys::for_config(&unlimited)[0], None, 500, 0).unwrap();
         assert!(s.get(&StateKeys::for_config(&unlimited)[0].tokens).unwrap().0.is_none(), "no window for an unlimited key");
+    }
+
+    fn weighted(weights: &[(u32, i64)]) -> Config {
+        let list: Vec<String> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, (w, rpm))| format!("  - {{name: c{i}, api_key: key-{i}, base_url: 'http://127.0.0.1:1', rpm: {rpm}, weight: {w}}}"))
+            .collect();
+        load(&format!("server: {{master_key: mk, default_models_rpm: -1}}\ncredentials:\n{}\n", list.join("\n")), &|_| None).unwrap()
+    }
+
+    fn counts(store: &MemStore, c: &Config, n: usize, now_ms: u64) -> Vec<usize> {
+        let mut seen = vec![0; c.credentials.len()];
+        for _ in 0..n {
+            match pick(store, c, None, now_ms) {
+                Selection::Chosen { index, .. } => seen[index] += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn weights_give_exact_smooth_shares() {
+        assert_eq!(crate::config::weighted_schedule(&[1, 1, 1]), [0, 1, 2], "equal weights: plain round-robin");
+        assert_eq!(crate::config::weighted_schedule(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0], "nginx's smooth order");
+        assert_eq!(crate::config::weighted_schedule(&[2, 4, 6]), crate::config::weighted_schedule(&[1, 2, 3]), "reduced by the gcd");
+        let s = MemStore::default();
+        let c = weighted(&[(1, -1), (2, -1), (3, -1)]);
+        assert_eq!(counts(&s, &c, 600, 0), [100, 200, 300]);
+        // Smooth: the heaviest key never takes more than two picks in a row.
+        let order: Vec<usize> = (0..12)
+            .map(|_| match pick(&s, &c, None, 0) {
+                Selection::Chosen { index, .. } => index,
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        assert!(order.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])), "{order:?}");
+    }
+
+    #[test]
+    fn weights_share_among_the_keys_that_pass() {
+        // c2 (weight 3) is full after one admission: c0 and c1 then split 1:2.
+        let s = MemStore::default();
+        let c = weighted(&[(1, -1), (2, -1), (3, 1)]);
+        let seen = counts(&s, &c, 301, 0);
+        assert_eq!(seen[2], 1);
+        assert!((99..=101).contains(&seen[0]) && (199..=201).contains(&seen[1]), "{seen:?}");
+        // Equal weights walk exactly as before: a refused key's turn goes to the next one.
+        let c = weighted(&[(1, -1), (1, -1), (1, -1)]);
+        assert_eq!(counts(&MemStore::default(), &c, 6, 0), [2, 2, 2]);
     }
 }

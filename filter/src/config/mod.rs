@@ -111,6 +111,10 @@ pub struct RawCredential {
     pub rpm: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -241,6 +245,10 @@ pub struct Credential {
     pub rpm: Rpm,
     /// Absent = unlimited.
     pub tpm: Tpm,
+    /// Share of traffic relative to the other credentials (1-1000, default 1).
+    pub weight: u32,
+    /// Requests in flight at once (None = unlimited).
+    pub max_concurrent: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +303,9 @@ pub struct Config {
     /// Token limits of the models.yaml entries that have `tpm`.
     pub model_tpms: HashMap<String, Tpm>,
     pub global: Option<GlobalLimits>,
+    /// The round-robin order over credential indices: each once with equal weights, else a
+    /// smooth weighted schedule (see [`weighted_schedule`]).
+    pub schedule: Vec<u16>,
 }
 
 impl Config {
@@ -379,7 +390,43 @@ pub fn validate(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let fail2ban = validate_fail2ban(raw.fail2ban.as_ref())?;
     let (models, model_tpms) = validate_models(&raw.models, server.default_models_rpm)?;
     let global = raw.global_limits.as_ref().map(global::validate).transpose()?;
-    Ok(Config { server, credentials, fail2ban, models, model_tpms, global })
+    let schedule = weighted_schedule(&credentials.iter().map(|c| c.weight).collect::<Vec<_>>());
+    Ok(Config { server, credentials, fail2ban, models, model_tpms, global, schedule })
+}
+
+/// Largest `credentials[].weight`.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Largest `credentials[].max_concurrent`.
+pub const MAX_CONCURRENT: u32 = 10_000;
+
+/// Smooth weighted round-robin (nginx's): over one cycle of `sum(weights) / gcd` picks each index
+/// appears `weight / gcd` times, spread out (weights 5:1:1 give a a b a c a a, never a burst of
+/// five). Equal weights give `0, 1, ..., n-1`, today's plain round-robin.
+pub fn weighted_schedule(weights: &[u32]) -> Vec<u16> {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let w: Vec<i64> = weights.iter().map(|x| i64::from(x / g)).collect();
+    let total: i64 = w.iter().sum();
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(total.max(0) as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, wi) in w.iter().enumerate() {
+            current[i] += wi;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u16);
+    }
+    out
 }
 
 fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Result<Server, ConfigError> {
@@ -566,6 +613,14 @@ fn validate_credentials(list: &[serde_yaml::Value], env: &dyn Fn(&str) -> Option
             None => Rpm::Unlimited,
             Some(v) => limit_value(&format!("{at}: tpm"), v)?,
         };
+        let weight = match &c.weight {
+            None => 1,
+            Some(v) => int_in(&format!("{at}: weight"), v, 1..=MAX_WEIGHT as i64, "use a number from 1 to 1000")? as u32,
+        };
+        let max_concurrent = match &c.max_concurrent {
+            None => None,
+            Some(v) => Some(int_in(&format!("{at}: max_concurrent"), v, 1..=MAX_CONCURRENT as i64, "use a number from 1 to 10000")? as u32),
+        };
         credentials.push(Credential {
             name,
             api_key,
@@ -577,6 +632,8 @@ fn validate_credentials(list: &[serde_yaml::Value], env: &dyn Fn(&str) -> Option
             path_prefix: url.path_prefix,
             rpm,
             tpm,
+            weight,
+            max_concurrent,
         });
     }
     Ok(credentials)
