@@ -32,6 +32,8 @@ pub struct Plan {
     pub started: u8,
     /// When the last pick was charged (its RPM bucket, for taking it back if unused).
     pub picked_ms: u64,
+    /// In-flight slot ids (`max_concurrent`): pick `k` of `tried` holds slot `slot_base + k`.
+    pub slot_base: u64,
     pub model: Option<String>,
     /// The client's path (before any base_url prefix).
     pub path: String,
@@ -54,6 +56,7 @@ impl Plan {
         }
         out.push(self.started);
         out.extend_from_slice(&self.picked_ms.to_le_bytes());
+        out.extend_from_slice(&self.slot_base.to_le_bytes());
         out.push(self.model.is_some() as u8);
         out.extend_from_slice(&(model.len().min(u16::MAX as usize) as u16).to_le_bytes());
         out.extend_from_slice(model.get(..model.len().min(u16::MAX as usize)).unwrap_or_default());
@@ -71,6 +74,7 @@ impl Plan {
             tried,
             started: head.started,
             picked_ms: head.picked_ms,
+            slot_base: head.slot_base,
             model,
             path: String::from_utf8(path.to_vec()).ok()?,
             start_ms: head.start_ms,
@@ -87,6 +91,16 @@ impl Plan {
 
     /// The last pick and when it was charged, when no attempt used it (Envoy did not retry: the
     /// answer went to the client, or the client left); nothing is decoded beyond the header.
+    /// Each pick's credential and in-flight slot id, from the encoded plan.
+    pub fn slots(b: &[u8]) -> Vec<(usize, u64)> {
+        let Some((head, _)) = PlanHead::decode(b) else { return Vec::new() };
+        head.tried
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(k, c)| (u16::from_le_bytes([c[0], c[1]]) as usize, head.slot_base + k as u64))
+            .collect()
+    }
+
     pub fn unused_pick(b: &[u8]) -> Option<(usize, u64)> {
         let (head, _) = PlanHead::decode(b)?;
         let n = head.tried.len() / 2;
@@ -108,6 +122,7 @@ struct PlanHead<'a> {
     tried: &'a [u8],
     started: u8,
     picked_ms: u64,
+    slot_base: u64,
 }
 
 impl<'a> PlanHead<'a> {
@@ -118,7 +133,15 @@ impl<'a> PlanHead<'a> {
         let (tried, rest) = rest.split_at_checked(2 * n as usize)?;
         let (&[started], rest) = rest.split_first_chunk::<1>()?;
         let (picked, rest) = rest.split_first_chunk::<8>()?;
-        Some((PlanHead { start_ms: u64::from_le_bytes(*start), tried, started, picked_ms: u64::from_le_bytes(*picked) }, rest))
+        let (slot, rest) = rest.split_first_chunk::<8>()?;
+        let head = PlanHead {
+            start_ms: u64::from_le_bytes(*start),
+            tried,
+            started,
+            picked_ms: u64::from_le_bytes(*picked),
+            slot_base: u64::from_le_bytes(*slot),
+        };
+        Some((head, rest))
     }
 }
 
@@ -179,6 +202,8 @@ pub struct Attempt {
     responded: bool,
     /// When this attempt was sent upstream.
     sent_ms: u64,
+    /// This attempt's in-flight slot id (`max_concurrent`).
+    slot: u64,
 }
 
 impl Attempt {
@@ -223,6 +248,7 @@ impl Attempt {
         host.set_request_header(":path", Some(path.as_bytes()))?;
         self.endpoint = endpoints::label(&plan.path);
         self.sent_ms = host.now_ms();
+        self.slot = plan.slot_base + plan.tried.len().saturating_sub(1) as u64;
         self.index = Some(i);
         let mut plan = plan;
         if plan.tried.len() > plan.started as usize {
@@ -247,6 +273,10 @@ impl Attempt {
     /// The attempt is over (Envoy calls this before it retries). No response headers: a connect
     /// failure, a timeout, an upstream reset before the first byte — or the client gave up.
     pub fn on_done(&mut self, rt: Option<&Runtime>, host: &dyn Host) {
+        if let (Some(rt), Some(index)) = (rt, self.index) {
+            // The attempt is over: its key has one request fewer in flight.
+            rt.release_slot(host, index, self.slot);
+        }
         let (Some(rt), Some(index), Some(plan), false) = (rt, self.index, self.plan.as_ref(), self.responded) else { return };
         self.responded = true;
         let transport = host.property(&["upstream", "transport_failure_reason"]).ok().flatten().filter(|r| !r.is_empty());
@@ -288,7 +318,8 @@ impl Attempt {
             return;
         }
         // A retry's pick can't wait for the rate-limit service (`may_ask` false).
-        let selection = rt.select(host, plan.model.as_deref(), &plan.tried_indices(), &mut balancer::Walk::default(), false, host.now_ms());
+        let mut walk = balancer::Walk::with_slot(plan.slot_base + plan.tried.len() as u64);
+        let selection = rt.select(host, plan.model.as_deref(), &plan.tried_indices(), &mut walk, false, host.now_ms());
         let next = match selection {
             Selection::Chosen { index: next, .. } => rt.cfg.credentials.get(next).map(|c| (next, c.name.as_str())),
             _ => None,
@@ -358,6 +389,7 @@ mod tests {
             tried: vec![0, 3],
             started: 1,
             picked_ms: 99,
+            slot_base: 1 << 40,
             model: Some("gpt-4o".into()),
             path: "/v1/chat/completions?x=é".into(),
             start_ms: 77,

@@ -26,6 +26,8 @@ pub struct StateKeys {
     /// Global limits: what the rate-limit service said (full notes, leased slots); per model
     /// under `<global>/<model hash>`.
     pub global: String,
+    /// `max_concurrent`: the slots of requests in flight.
+    pub inflight: String,
 }
 
 fn fx(f: impl FnOnce(&mut rustc_hash::FxHasher)) -> u64 {
@@ -45,6 +47,7 @@ impl StateKeys {
             ban: format!("aar/ban3/{}/{id:016x}/{p:08x}", c.name),
             models: format!("aar/models/list/{}/{id:016x}", c.name),
             global: format!("aar/global/{}/{id:016x}", c.name),
+            inflight: format!("aar/inflight/{}/{id:016x}", c.name),
         }
     }
 
@@ -151,6 +154,8 @@ pub struct Walk {
     /// Credentials already looked at (a weighted schedule names one several times); empty while
     /// the schedule names each once.
     seen: Vec<u64>,
+    /// The in-flight slot id the chosen credential is held under (`max_concurrent`).
+    slot: u64,
     serving: usize,
     banned: usize,
     busy: usize,
@@ -160,6 +165,11 @@ pub struct Walk {
 }
 
 impl Walk {
+    /// A walk whose pick holds in-flight slot `slot` (`max_concurrent`).
+    pub fn with_slot(slot: u64) -> Walk {
+        Walk { slot, ..Walk::default() }
+    }
+
     /// Marks credential `i` looked at; false if it already was (its turn came up again).
     fn first_look(&mut self, i: usize, weighted: bool) -> bool {
         if !weighted {
@@ -254,7 +264,14 @@ pub fn select_with(
             continue;
         }
         if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
-            return chosen(store, walk, w, i, 0);
+            match take_slot(store, cfg, cred, key, walk.slot, None, now_ms) {
+                Ok(()) => return chosen(store, walk, w, i, 0),
+                Err(skip) => {
+                    walk.skip(skip);
+                    walk.k += 1;
+                    continue;
+                }
+            }
         }
         // No call to the service for a key whose local window is full anyway.
         let gate = match &cfg.global {
@@ -266,7 +283,9 @@ pub fn select_with(
                 walk.serving -= 1;
                 return Selection::Ask { index: i, hits };
             }
-            Ok(gate) => match admit(store, cfg, cred, key, model_limit, gate, now_s) {
+            Ok(gate) => match admit(store, cfg, cred, key, model_limit, gate, now_s)
+                .and_then(|rpm| take_slot(store, cfg, cred, key, walk.slot, model_limit, now_ms).map(|()| rpm))
+            {
                 Ok(rpm_current) => return chosen(store, walk, w, i, rpm_current),
                 Err(skip) => walk.skip(skip),
             },
@@ -277,7 +296,37 @@ pub fn select_with(
     finish(walk, exclude)
 }
 
-/// Ban, provider cooldown and TPM: the checks that need no charge.
+/// `max_concurrent`: takes an in-flight slot for the chosen credential. At its cap (raced full
+/// since the check in `local_checks`) the RPM admission just charged (`charged`: its model
+/// limit) is taken back and the key is skipped like a full window.
+fn take_slot(
+    store: &dyn SharedStore,
+    cfg: &Config,
+    cred: &Credential,
+    key: &StateKeys,
+    slot: u64,
+    charged: Option<(&str, Rpm)>,
+    now_ms: u64,
+) -> Result<(), Skip> {
+    let Some(cap) = cred.max_concurrent else { return Ok(()) };
+    let hold = cfg.server.request_timeout.map_or(SLOT_WITHOUT_TIMEOUT_MS, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+    match crate::concurrency::acquire(store, &key.inflight, cap, slot, now_ms, now_ms.saturating_add(hold)) {
+        Ok(true) => Ok(()),
+        outcome => {
+            if cred.rpm != Rpm::Unlimited || charged.is_some_and(|(_, l)| l != Rpm::Unlimited) {
+                let index = cfg.credentials.iter().position(|c| c.name == cred.name).unwrap_or(usize::MAX);
+                let _ = refund(store, cfg, key, index, charged.map(|(m, _)| m), now_ms);
+            }
+            Err(if outcome.is_ok() { Skip::Wait(1) } else { Skip::Busy })
+        }
+    }
+}
+
+/// How long an in-flight slot lasts without `request_timeout` (a request can't be longer then
+/// anyway than what a provider keeps a connection for).
+const SLOT_WITHOUT_TIMEOUT_MS: u64 = 3_600_000;
+
+/// Ban, provider cooldown, TPM and `max_concurrent`: the checks that need no charge.
 fn local_checks(
     store: &dyn SharedStore,
     cred: &Credential,
@@ -300,6 +349,12 @@ fn local_checks(
             }
             // Unreadable or corrupt (reset when the next usage is charged): refused this once.
             _ => return Err(Skip::Busy),
+        }
+    }
+    if let Some(cap) = cred.max_concurrent {
+        if !crate::concurrency::has_room(store, &key.inflight, cap, now_ms) {
+            // Free again when a request on it ends: soon, but nobody knows when.
+            return Err(Skip::Wait(1));
         }
     }
     Ok(())
@@ -347,7 +402,9 @@ pub fn resume(
     let mut unused = false;
     if let (Some(cred), Some(key)) = (cfg.credentials.get(i), keys.get(i)) {
         let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
-        match admit(store, cfg, cred, key, model_limit, gate, now_ms / 1000) {
+        match admit(store, cfg, cred, key, model_limit, gate, now_ms / 1000)
+            .and_then(|rpm| take_slot(store, cfg, cred, key, walk.slot, model_limit, now_ms).map(|()| rpm))
+        {
             Ok(rpm_current) => return (chosen(store, walk, w, i, rpm_current), false),
             Err(skip) => {
                 // Admitted by the service, refused by the local window meanwhile.

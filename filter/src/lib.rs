@@ -29,6 +29,7 @@ pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod body_scan;
+pub mod concurrency;
 pub mod config;
 pub mod cooldown;
 pub mod endpoints;

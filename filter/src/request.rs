@@ -60,6 +60,8 @@ pub struct Request {
     start_us: u64,
     /// When the request was routed (sent upstream): what a provider's answer is accounted against.
     routed_ms: u64,
+    /// Its in-flight slot ids (`max_concurrent`): pick `k` holds `slot_base + k`.
+    slot_base: u64,
     /// The response status was accounted (once per request).
     accounted: bool,
     /// The token usage of the answer, read chunk by chunk as it streams past (never held back).
@@ -71,6 +73,8 @@ pub struct Request {
     probe: UsageProbe,
     /// Waiting for the rate-limit service about one candidate.
     pending: Option<Box<Pending>>,
+    #[cfg(feature = "fault-injection")]
+    trap_on_response: bool,
 }
 
 /// A selection paused on a call to the rate-limit service.
@@ -132,8 +136,10 @@ struct Seen<'a> {
     authorization: Option<&'a [u8]>,
     /// A client's own `x-api-key` (a key it must never send upstream through the router).
     api_key: bool,
+    /// `trap` traps at the request headers, `trap-response` at the response headers (after the
+    /// request was routed and holds its slots).
     #[cfg(feature = "fault-injection")]
-    fault: bool,
+    fault: Option<bool>,
 }
 
 fn seen(map: &HeaderMap) -> Seen<'_> {
@@ -150,7 +156,13 @@ fn seen(map: &HeaderMap) -> Seen<'_> {
             b"authorization" => s.authorization = Some(value),
             b"x-api-key" => s.api_key = true,
             #[cfg(feature = "fault-injection")]
-            b"x-auto-ai-router-fault" => s.fault = value == b"trap",
+            b"x-auto-ai-router-fault" => {
+                s.fault = match value {
+                    b"trap" => Some(true),
+                    b"trap-response" => Some(false),
+                    _ => None,
+                }
+            }
             _ => {}
         }
     }
@@ -196,6 +208,11 @@ impl Request {
     }
 
     pub fn on_response_headers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
+        #[cfg(feature = "fault-injection")]
+        #[allow(clippy::panic)]
+        if self.trap_on_response {
+            panic!("fault injection: trap at the response requested");
+        }
         let (Some(rt), Phase::Routed { index }) = (rt, self.phase) else { return Action::Continue };
         if std::mem::replace(&mut self.accounted, true) {
             return Action::Continue;
@@ -335,6 +352,20 @@ impl Request {
                 }
             }
         }
+        // In-flight slots: every pick's goes back (the attempts gave theirs back already when
+        // they ran; a pick never sent, or an attempt cut short, gives it back here).
+        if let (Some(rt), Phase::Routed { index }) = (rt, self.phase) {
+            if rt.capped {
+                if rt.retries_on() {
+                    let plan = host.property(&[crate::retry_contract::PLAN_PROPERTY]).ok().flatten().unwrap_or_default();
+                    for (i, slot) in attempt::Plan::slots(&plan) {
+                        rt.release_slot(host, i, slot);
+                    }
+                } else {
+                    rt.release_slot(host, index, self.slot_base);
+                }
+            }
+        }
         // A stream that ended without its last chunk (reset, client gone).
         self.finish_usage(rt, host);
         if let (Some(rt), Phase::Routed { index }, true) = (rt, self.phase, self.accounted) {
@@ -416,8 +447,12 @@ impl Request {
         let seen = seen(&map);
         #[cfg(feature = "fault-injection")]
         #[allow(clippy::panic)]
-        if seen.fault {
+        if seen.fault == Some(true) {
             panic!("fault injection: trap requested");
+        }
+        #[cfg(feature = "fault-injection")]
+        {
+            self.trap_on_response = seen.fault == Some(false);
         }
         if rt.is_some_and(|rt| !in_scope(rt, seen.authority)) {
             self.phase = Phase::PassThrough;
@@ -524,7 +559,10 @@ impl Request {
 
     fn route_to(&mut self, rt: &Runtime, host: &dyn Host, model: Option<String>) -> HostResult<Action> {
         let now = host.now_ms();
-        let mut walk = Walk::default();
+        if rt.capped {
+            self.slot_base = rt.next_slot_base();
+        }
+        let mut walk = Walk::with_slot(self.slot_base);
         let selection = rt.select(host, model.as_deref(), &[], &mut walk, true, now);
         self.drive(rt, host, model, selection, walk)
     }
@@ -631,6 +669,7 @@ impl Request {
                         tried: vec![index as u16],
                         started: 1,
                         picked_ms: 0,
+                        slot_base: self.slot_base,
                         model: model.clone(),
                         path: self.path.clone(),
                         start_ms: self.routed_ms,

@@ -30,6 +30,10 @@ pub struct Runtime {
     model_ids: RefCell<HashMap<String, Vec<Option<u32>>, FxBuildHasher>>,
     /// `auto_ai_router_tokens_total` ids (prompt, completion): model label → per credential index.
     token_ids: RefCell<HashMap<String, Vec<Option<TokenIds>>, FxBuildHasher>>,
+    /// Source of in-flight slot ids: this VM's number in the high bits, a counter below.
+    slot_seq: std::cell::Cell<u64>,
+    /// Some credential has `max_concurrent` (else nothing about slots is read or written).
+    pub capped: bool,
 }
 
 /// The prompt and completion series of one (credential, model).
@@ -83,6 +87,7 @@ impl Runtime {
     pub fn new(cfg: Config) -> Runtime {
         let keys = StateKeys::for_config(&cfg);
         let bearer = cfg.credentials.iter().map(|c| format!("Bearer {}", c.api_key)).collect();
+        let capped = cfg.credentials.iter().any(|c| c.max_concurrent.is_some());
         Runtime {
             cfg,
             keys,
@@ -93,6 +98,29 @@ impl Runtime {
             hot_ids: RefCell::new(HashMap::default()),
             model_ids: RefCell::new(HashMap::default()),
             token_ids: RefCell::new(HashMap::default()),
+            slot_seq: std::cell::Cell::new(0),
+            capped,
+        }
+    }
+
+    /// Tells the runtime which VM it runs in (the high bits of its slot ids).
+    pub fn set_vm(&self, vm_no: u32) {
+        self.slot_seq.set(u64::from(vm_no) << 40);
+    }
+
+    /// A fresh base for one request's in-flight slot ids (its picks use base + 0, 1, ...: room for
+    /// 256 each).
+    pub fn next_slot_base(&self) -> u64 {
+        let base = self.slot_seq.get().wrapping_add(256);
+        self.slot_seq.set(base);
+        base
+    }
+
+    /// Gives back the in-flight slot `slot` of credential `index` (a no-op without a cap).
+    pub fn release_slot(&self, host: &dyn Host, index: usize, slot: u64) {
+        let (Some(cred), Some(key)) = (self.cfg.credentials.get(index), self.keys.get(index)) else { return };
+        if cred.max_concurrent.is_some() && crate::concurrency::release(host, &key.inflight, slot, host.now_ms()).is_err() {
+            self.increment(host, HotKey::StateConflicts(index));
         }
     }
 

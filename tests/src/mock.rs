@@ -149,6 +149,9 @@ pub struct Stats {
     /// Method, path, headers and body (JSON when it parses, else a string) of the last `/v1/*` request.
     pub last_request: Option<Value>,
     pub log: VecDeque<LogEntry>,
+    /// `POST /v1/*` requests being handled now, and the most at once since the last reset.
+    pub in_flight: u64,
+    pub max_in_flight: u64,
 }
 
 struct Inner {
@@ -253,6 +256,26 @@ fn base64(data: &[u8]) -> String {
         out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
     }
     out
+}
+
+/// Counts a request in `Stats::in_flight` while it is handled (until its response head is sent).
+struct InFlight(Arc<Mock>);
+
+impl InFlight {
+    fn enter(m: &Arc<Mock>) -> InFlight {
+        let mut g = m.inner.lock().unwrap();
+        g.stats.in_flight += 1;
+        g.stats.max_in_flight = g.stats.max_in_flight.max(g.stats.in_flight);
+        InFlight(m.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.0.inner.lock() {
+            g.stats.in_flight = g.stats.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 impl Mock {
@@ -364,6 +387,7 @@ impl Mock {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
+        let _in_flight = (req.method() == Method::POST && req.uri().path().contains("/v1/")).then(|| InFlight::enter(&self));
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let name = self.settings().name;

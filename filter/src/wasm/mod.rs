@@ -76,6 +76,7 @@ impl RootContext for Root {
         let root_id = WasmHost.property(&["plugin_root_id"]).ok().flatten().unwrap_or_default();
         self.upstream = root_id == UPSTREAM_ROOT_ID.as_bytes();
         let rt = Runtime::new(cfg);
+        rt.set_vm(self.fetcher.vm_no);
         if self.upstream {
             rt.refresh_index(&WasmHost);
             self.rt = Some(Rc::new(rt));

@@ -3,6 +3,7 @@
 //! Run with `make test-e2e` (builds filter.wasm, the fault build and the virtualenv first).
 
 mod auth;
+mod availability;
 mod balance;
 mod bodies;
 mod client;
