@@ -585,6 +585,10 @@ fn stats_config() -> Value {
             // The router's own hold time in microseconds: from a few µs to a slow client's upload.
             "match": {"prefix": "wasmcustom.auto_ai_router_overhead_microseconds"},
             "buckets": [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 250000, 1000000, 10000000],
+        }, {
+            // Waiting for a key (`server.queue_timeout`), in milliseconds.
+            "match": {"prefix": "wasmcustom.auto_ai_router_queue_wait_milliseconds"},
+            "buckets": [10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 30000],
         }],
     })
 }

@@ -23,6 +23,8 @@ pub const RETRIES_TOTAL: &str = "auto_ai_router_retries_total";
 /// Microseconds the router held a request before it was routed or answered (from its request
 /// headers to the routing decision or the local reply; includes waiting for the body).
 pub const OVERHEAD: &str = "auto_ai_router_overhead_microseconds";
+/// How long requests waited for a key (`server.queue_timeout`), in milliseconds.
+pub const QUEUE_WAIT: &str = "auto_ai_router_queue_wait_milliseconds";
 pub const STATE_CONFLICTS_TOTAL: &str = "auto_ai_router_state_conflicts_total";
 /// Calls to the rate-limit service (global limits): `{result}` = `ok`, `over_limit` or `error`.
 pub const GLOBAL_CHECKS_TOTAL: &str = "auto_ai_router_global_checks_total";

@@ -38,6 +38,9 @@ enum Phase {
     /// Waiting for the rate-limit service about a candidate (`pending`): body and trailer
     /// callbacks keep the request paused until the reply routes or answers it.
     Asking,
+    /// Refused only by limits that free within `server.queue_timeout`: held (paused, nothing
+    /// charged) until a tick finds a key or the wait ends (`wait`).
+    Waiting,
     /// Sent to credential `index`.
     Routed { index: usize },
     /// Answered locally.
@@ -75,6 +78,18 @@ pub struct Request {
     pending: Option<Box<Pending>>,
     #[cfg(feature = "fault-injection")]
     trap_on_response: bool,
+    /// Waiting for a key (`Phase::Waiting`).
+    wait: Option<Box<Wait>>,
+    /// The glue must put this request in its worker's wait queue.
+    enqueue: bool,
+}
+
+/// A request waiting for a key.
+#[derive(Debug)]
+struct Wait {
+    model: Option<String>,
+    since_us: u64,
+    deadline_ms: u64,
 }
 
 /// A selection paused on a call to the rate-limit service.
@@ -181,8 +196,8 @@ impl Request {
     }
 
     pub fn on_request_body(&mut self, rt: Option<&Runtime>, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Action {
-        if self.phase == Phase::Asking {
-            // Envoy buffers the rest; the rate-limit reply resumes the request once.
+        if matches!(self.phase, Phase::Asking | Phase::Waiting) {
+            // Envoy buffers the rest; the rate-limit reply (or the wait) resumes the request once.
             return Action::Pause;
         }
         if self.phase != Phase::Body {
@@ -196,7 +211,7 @@ impl Request {
 
     /// Trailers end the body (an HTTP/2 request may end with them instead of an empty data frame).
     pub fn on_request_trailers(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> Action {
-        if self.phase == Phase::Asking {
+        if matches!(self.phase, Phase::Asking | Phase::Waiting) {
             return Action::Pause;
         }
         if self.phase != Phase::Body {
@@ -329,6 +344,51 @@ impl Request {
         }
     }
 
+    /// Whether a request refused only by limits (free again in `retry_after` s) may wait: waiting
+    /// is on, the limits free within what is left of its wait, and the worker's queue has room.
+    fn may_wait(&self, rt: &Runtime, retry_after: u64, now_ms: u64) -> bool {
+        let Some(q) = rt.cfg.server.queue_timeout else { return false };
+        let left_ms = match &self.wait {
+            Some(w) => w.deadline_ms.saturating_sub(now_ms),
+            None if rt.queue_len.get() >= rt.cfg.server.queue_max as usize => return false,
+            None => q.as_millis() as u64,
+        };
+        // `retry_after` is rounded up to whole seconds: a slot may free sooner.
+        left_ms > 0 && retry_after.saturating_sub(1).saturating_mul(1000) < left_ms
+    }
+
+    /// The glue's question after each callback: put this request in the wait queue?
+    pub fn take_enqueue(&mut self) -> bool {
+        std::mem::take(&mut self.enqueue)
+    }
+
+    /// The worker's tick for a waiting request: selects again; routed → resumed, still refused
+    /// → waits on (or, past its deadline, today's 429). Returns whether it still waits.
+    pub fn on_wait_tick(&mut self, rt: Option<&Runtime>, host: &dyn Host) -> bool {
+        let (Some(rt), Phase::Waiting) = (rt, self.phase) else { return false };
+        let Some(model) = self.wait.as_ref().map(|w| w.model.clone()) else { return false };
+        let step = self.route_to(rt, host, model);
+        let action = self.settle(Some(rt), host, step);
+        if self.phase == Phase::Waiting {
+            return true;
+        }
+        self.leave_queue(rt, host);
+        if action == Action::Continue && self.pending.is_none() {
+            if let Err(e) = host.resume_request() {
+                rt.log(host, LogLevel::Error, || format!("auto-ai-router: resuming a waiting request failed with status {}", e.0));
+            }
+        }
+        false
+    }
+
+    /// Out of the wait queue (routed, answered, or gone): its wait is measured.
+    fn leave_queue(&mut self, rt: &Runtime, host: &dyn Host) {
+        if let Some(w) = self.wait.take() {
+            rt.queue_len.set(rt.queue_len.get().saturating_sub(1));
+            rt.record(host, HotKey::QueueWait, host.now_us().saturating_sub(w.since_us) / 1000);
+        }
+    }
+
     /// A retry's next credential was picked and charged after a failed attempt, but Envoy did not
     /// retry (the answer went to the client, or the client left): its slot goes back.
     fn refund_unused_pick(&self, rt: &Runtime, host: &dyn Host, plan: &[u8]) {
@@ -343,6 +403,10 @@ impl Request {
         // A client that hung up while the rate-limit service was asked: a late reply routes
         // nothing and charges nothing.
         self.pending = None;
+        // A client that hung up while waiting for a key: nothing was charged.
+        if let Some(rt) = rt {
+            self.leave_queue(rt, host);
+        }
         // Routed with retries, and no answer reached the response path (the client left, or
         // Envoy gave up): a next credential picked meanwhile was never used.
         if let (Some(rt), Phase::Routed { .. }, false) = (rt, self.phase, self.accounted) {
@@ -692,6 +756,21 @@ impl Request {
                 self.model = model;
                 self.record_overhead(rt, host);
                 Ok(Action::Continue)
+            }
+            Selection::RateLimited { retry_after } if self.may_wait(rt, retry_after, host.now_ms()) => {
+                let now_us = host.now_us();
+                let since_us = self.wait.as_ref().map_or(now_us, |w| w.since_us);
+                let deadline_ms = self.wait.as_ref().map_or_else(
+                    || (now_us / 1000).saturating_add(rt.cfg.server.queue_timeout.map_or(0, |d| d.as_millis() as u64)),
+                    |w| w.deadline_ms,
+                );
+                self.enqueue = self.wait.is_none();
+                if self.enqueue {
+                    rt.queue_len.set(rt.queue_len.get() + 1);
+                }
+                self.wait = Some(Box::new(Wait { model, since_us, deadline_ms }));
+                self.phase = Phase::Waiting;
+                Ok(Action::Pause)
             }
             Selection::RateLimited { retry_after } => {
                 let msg = match &model {

@@ -34,6 +34,8 @@ pub struct Runtime {
     slot_seq: std::cell::Cell<u64>,
     /// Some credential has `max_concurrent` (else nothing about slots is read or written).
     pub capped: bool,
+    /// Requests of this worker waiting for a key (`server.queue_timeout`).
+    pub queue_len: std::cell::Cell<usize>,
 }
 
 /// The prompt and completion series of one (credential, model).
@@ -57,6 +59,8 @@ pub enum HotKey {
     Requests(usize, &'static str, u16),
     Duration(usize, &'static str),
     Overhead,
+    /// How long a request waited for a key (ms).
+    QueueWait,
 }
 
 /// The global gate over shared data. A request's first pick may ask the service; a retry's pick
@@ -100,6 +104,7 @@ impl Runtime {
             token_ids: RefCell::new(HashMap::default()),
             slot_seq: std::cell::Cell::new(0),
             capped,
+            queue_len: std::cell::Cell::new(0),
         }
     }
 
@@ -174,6 +179,7 @@ impl Runtime {
                 self.metric(host, MetricKind::Counter, metrics::REQUESTS_TOTAL, &labels)
             }
             HotKey::Overhead => self.metric(host, MetricKind::Histogram, metrics::OVERHEAD, &[]),
+            HotKey::QueueWait => self.metric(host, MetricKind::Histogram, metrics::QUEUE_WAIT, &[]),
             HotKey::GlobalChecks(result) => self.metric(host, MetricKind::Counter, metrics::GLOBAL_CHECKS_TOTAL, &[("result", result)]),
             HotKey::Duration(i, endpoint) => {
                 let labels = [("credential", self.credential_name(i)), ("endpoint", endpoint)];

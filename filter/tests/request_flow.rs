@@ -350,3 +350,57 @@ fn a_circuit_breaker_overflow_is_load_on_our_side_not_a_strike() {
     }
     assert_eq!(filter::balancer::health(&h, &rt.keys, 0).available(), 0);
 }
+
+/// `server.queue_timeout`: a request refused only by a limit that frees within the timeout waits
+/// (paused, nothing charged), and a tick after the key is free again routes it; past the timeout
+/// it gets today's 429; the queue is bounded per worker; a client that leaves is forgotten.
+#[test]
+fn a_request_waits_for_a_resting_key_within_queue_timeout() {
+    let rt = runtime(", replace_v1_models: false, max_provider_retries: 0, queue_timeout: 2s, queue_max: 1", -1);
+    let store = Rc::new(MemStore::default());
+    // Both keys rest for 1 s (a provider 429 with Retry-After: 1 on each).
+    for _ in 0..2 {
+        let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+        let mut r = Request::default();
+        r.on_request_headers(Some(&rt), &h, false);
+        assert_eq!(r.on_request_body(Some(&rt), &h, 13, true), Action::Continue);
+        *h.response_headers.borrow_mut() = vec![(":status".into(), b"429".to_vec()), ("retry-after".into(), b"1".to_vec())];
+        r.on_response_headers(Some(&rt), &h);
+    }
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    h.now_ms.set(100);
+    let mut waiting = Request::default();
+    waiting.on_request_headers(Some(&rt), &h, false);
+    assert_eq!(waiting.on_request_body(Some(&rt), &h, 13, true), Action::Pause, "waits instead of 429");
+    assert!(waiting.take_enqueue() && !waiting.take_enqueue(), "queued once");
+    assert!(h.reply.borrow().is_none() && h.routed_to().is_none());
+    // The queue holds one: the next one gets its 429 at once.
+    let h2 = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    h2.now_ms.set(100);
+    let mut second = Request::default();
+    second.on_request_headers(Some(&rt), &h2, false);
+    second.on_request_body(Some(&rt), &h2, 13, true);
+    assert_eq!(reply_json(&h2).0, 429, "queue_max reached");
+    // Ticks while the keys rest: still waiting; once they are free: routed and resumed once.
+    h.now_ms.set(600);
+    assert!(waiting.on_wait_tick(Some(&rt), &h));
+    h.now_ms.set(1_050);
+    assert!(!waiting.on_wait_tick(Some(&rt), &h), "routed");
+    assert!(h.routed_to().is_some() && h.resumed.get() == 1 && h.reply.borrow().is_none());
+    // Past the timeout: the 429 after all.
+    for _ in 0..2 {
+        let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+        h.now_ms.set(2_000);
+        let mut r = Request::default();
+        r.on_request_headers(Some(&rt), &h, false);
+        r.on_request_body(Some(&rt), &h, 13, true);
+        *h.response_headers.borrow_mut() = vec![(":status".into(), b"429".to_vec()), ("retry-after".into(), b"60".to_vec())];
+        r.on_response_headers(Some(&rt), &h);
+    }
+    let h = host(&store, &chat_headers("r"), br#"{"model":"m"}"#);
+    h.now_ms.set(2_100);
+    let mut late = Request::default();
+    late.on_request_headers(Some(&rt), &h, false);
+    late.on_request_body(Some(&rt), &h, 13, true);
+    assert_eq!(reply_json(&h).0, 429, "a rest of 60 s is longer than the 2 s wait: no waiting");
+}

@@ -251,6 +251,7 @@ impl Vm {
             if let Some(root) = due {
                 let f = self.ex.on_tick.clone();
                 let _ = self.call(f, root, Phase::Tick, root as i32);
+                self.settle_all();
                 if let Some(e) = self.store.data_mut().ticks.get_mut(&root) {
                     if e.1 <= now {
                         e.1 = now + e.0 * 1_000_000;
@@ -335,8 +336,19 @@ impl Vm {
         for root in roots {
             let f = self.ex.on_tick.clone();
             let _ = self.call(f, root, Phase::Tick, root as i32);
+            self.settle_all();
         }
         self.run_due();
+    }
+
+    /// Applies what a root callback asked of streams (through the effective context: a local
+    /// reply, a resumed request), as Envoy does after the VM call returns.
+    fn settle_all(&mut self) {
+        let mut ctxs: Vec<u32> = self.store.data().streams.keys().copied().collect();
+        ctxs.sort_unstable();
+        for ctx in ctxs {
+            self.settle(ctx);
+        }
     }
 
     /// The tick period the first live root context asked for, in ms.

@@ -30,6 +30,8 @@ const DEFAULT_MAX_BODY_MB: u64 = 100;
 /// A wasm32 VM copies the whole body into its 4 GiB address space, and its memory never shrinks.
 pub const MAX_BODY_MB: i64 = 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Requests waiting for a key at once per worker (`server.queue_max`).
+pub const DEFAULT_QUEUE_MAX: u32 = 100;
 /// How long a client may pause while sending a request body before the stream is cut.
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MODELS_REFRESH: Duration = Duration::from_secs(300);
@@ -94,6 +96,10 @@ pub struct RawServer {
     pub body_idle_timeout: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_timeout: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_max: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -277,6 +283,10 @@ pub struct Server {
     pub body_idle_timeout: Option<Duration>,
     /// An attempt with no response headers by then is abandoned for another key (None = off).
     pub attempt_timeout: Option<Duration>,
+    /// How long a request refused only by limits may wait for a key (None = off: 429 at once).
+    pub queue_timeout: Option<Duration>,
+    /// Requests waiting at once per worker.
+    pub queue_max: u32,
 }
 
 impl Server {
@@ -543,6 +553,27 @@ fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Resul
             d => d,
         },
     };
+    let queue_timeout = match &s.queue_timeout {
+        None => None,
+        Some(v) if as_int(v) == Some(0) => None,
+        Some(v) => match parse_duration("server.queue_timeout", v, false)? {
+            Some(d) if d < Duration::from_millis(10) => {
+                return Err(invalid("server.queue_timeout", v, "use at least 10ms, or 0 for no waiting"))
+            }
+            Some(d) if body_idle_timeout.is_some_and(|b| d >= b) => {
+                return Err(invalid(
+                    "server.queue_timeout",
+                    v,
+                    "a waiting request is cut by server.body_idle_timeout: make the queue timeout shorter than it",
+                ))
+            }
+            d => d,
+        },
+    };
+    let queue_max = match &s.queue_max {
+        None => DEFAULT_QUEUE_MAX,
+        Some(v) => int_in("server.queue_max", v, 1..=10_000, "use a number from 1 to 10000")? as u32,
+    };
     Ok(Server {
         port,
         master_key,
@@ -559,6 +590,8 @@ fn validate_server(s: &RawServer, env: &dyn Fn(&str) -> Option<String>) -> Resul
         cooldown_max,
         body_idle_timeout,
         attempt_timeout,
+        queue_timeout,
+        queue_max,
     })
 }
 
@@ -1071,6 +1104,8 @@ monitoring:
             ("attempt_timeout: 10m", "server.attempt_timeout: \"10m\" is invalid (it must be shorter than server.request_timeout"),
             ("attempt_timeout: -1", "server.attempt_timeout: -1 is invalid"),
             ("body_idle_timeout: 5ms", "server.body_idle_timeout: \"5ms\" is invalid (use at least 100ms"),
+            ("queue_timeout: 2m", "server.queue_timeout: \"2m\" is invalid (a waiting request is cut by server.body_idle_timeout"),
+            ("queue_max: 0", "server.queue_max: 0 is invalid (use a number from 1 to 10000)"),
         ];
         for (extra, want) in cases {
             let e = server(extra).unwrap_err().to_string();

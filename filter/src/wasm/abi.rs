@@ -61,6 +61,7 @@ extern "C" {
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
     fn proxy_continue_stream(stream: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
 }
 
 fn check(status: u32) -> HostResult<()> {
@@ -125,6 +126,13 @@ pub fn plugin_configuration() -> HostResult<Vec<u8>> {
 pub fn set_tick_period(period: Duration) -> HostResult<()> {
     // SAFETY: plain value call.
     check(unsafe { proxy_set_tick_period_milliseconds(u32::try_from(period.as_millis()).unwrap_or(u32::MAX)) })
+}
+
+/// Makes `context_id` the context the following host calls act on (a root callback working on a
+/// request, e.g. resuming one that waited for a key).
+pub fn set_effective_context(context_id: u32) -> HostResult<()> {
+    // SAFETY: plain value call.
+    check(unsafe { proxy_set_effective_context(context_id) })
 }
 
 pub fn log(level: LogLevel, message: &str) {

@@ -13,8 +13,20 @@ use crate::runtime::Runtime;
 use abi::WasmHost;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use std::rc::Rc;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
+
+/// The root's tick: gauges, model lists (every second).
+const TICK: Duration = Duration::from_secs(1);
+/// The tick while requests wait for a key (`server.queue_timeout`): how soon a freed slot is seen.
+const WAIT_TICK: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// This worker's requests waiting for a key, in arrival order (a VM is one thread).
+    static WAITERS: RefCell<VecDeque<(u32, Weak<RefCell<Request>>)>> = const { RefCell::new(VecDeque::new()) };
+}
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Set by `make wasm` (`git rev-parse --short HEAD`).
@@ -39,6 +51,8 @@ struct Root {
     fetcher: Fetcher,
     /// This root runs as the upstream filter in the credential clusters (one context per attempt).
     upstream: bool,
+    /// When the once-a-second work last ran (the tick is faster while requests wait).
+    last_second_ms: u64,
 }
 
 impl Context for Root {
@@ -104,20 +118,27 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(rt) = self.rt.clone() else { return };
+        let now = abi::now_ms();
+        if !self.upstream && wake_waiters(&rt) {
+            let _ = abi::set_tick_period(TICK);
+        }
+        if now.saturating_sub(self.last_second_ms) + 5 < TICK.as_millis() as u64 {
+            return;
+        }
+        self.last_second_ms = now;
         rt.refresh_index(&WasmHost);
         if self.upstream {
             return;
         }
-        let now = abi::now_ms();
         rt.update_gauges(&WasmHost, now);
         self.fetcher.tick(&rt, &WasmHost, now);
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         if self.upstream {
             return Some(Box::new(Upstream { rt: self.rt.clone(), attempt: Attempt::default() }));
         }
-        Some(Box::new(Http { rt: self.rt.clone(), request: Request::default() }))
+        Some(Box::new(Http { rt: self.rt.clone(), request: Rc::new(RefCell::new(Request::default())), context_id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -125,41 +146,83 @@ impl RootContext for Root {
     }
 }
 
+/// Gives each waiting request of this worker, oldest first, another selection; drops the ones
+/// that left (routed, answered, or gone). True when none waits any more.
+fn wake_waiters(rt: &Runtime) -> bool {
+    WAITERS.with(|w| {
+        let waiting: Vec<(u32, Weak<RefCell<Request>>)> = w.borrow_mut().drain(..).collect();
+        let mut still = VecDeque::new();
+        for (ctx, weak) in waiting {
+            let Some(req) = weak.upgrade() else { continue };
+            if abi::set_effective_context(ctx).is_err() {
+                continue;
+            }
+            let Ok(mut r) = req.try_borrow_mut() else {
+                still.push_back((ctx, weak));
+                continue;
+            };
+            if r.on_wait_tick(Some(rt), &WasmHost) {
+                still.push_back((ctx, weak));
+            }
+        }
+        let empty = still.is_empty();
+        w.borrow_mut().extend(still);
+        empty
+    })
+}
+
 struct Http {
     /// None when the configuration was refused: the router's routes fail closed.
     rt: Option<Rc<Runtime>>,
-    request: Request,
+    /// Shared with this worker's wait queue while the request waits for a key.
+    request: Rc<RefCell<Request>>,
+    context_id: u32,
+}
+
+impl Http {
+    /// Runs one callback on the request, then queues it if it now waits for a key.
+    fn with(&mut self, f: impl FnOnce(&mut Request, Option<&Runtime>) -> Step) -> Action {
+        let step = f(&mut self.request.borrow_mut(), self.rt.as_deref());
+        if self.request.borrow_mut().take_enqueue() {
+            WAITERS.with(|w| w.borrow_mut().push_back((self.context_id, Rc::downgrade(&self.request))));
+            let _ = abi::set_tick_period(WAIT_TICK);
+        }
+        action(step)
+    }
 }
 
 impl Context for Http {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        self.request.on_grpc_reply(self.rt.as_deref(), &WasmHost, token_id, status_code, response_size);
+        let _ = self.with(|r, rt| {
+            r.on_grpc_reply(rt, &WasmHost, token_id, status_code, response_size);
+            Step::Continue
+        });
     }
 }
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        action(self.request.on_request_headers(self.rt.as_deref(), &WasmHost, end_of_stream))
+        self.with(|r, rt| r.on_request_headers(rt, &WasmHost, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        action(self.request.on_request_body(self.rt.as_deref(), &WasmHost, body_size, end_of_stream))
+        self.with(|r, rt| r.on_request_body(rt, &WasmHost, body_size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        action(self.request.on_request_trailers(self.rt.as_deref(), &WasmHost))
+        self.with(|r, rt| r.on_request_trailers(rt, &WasmHost))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        action(self.request.on_response_headers(self.rt.as_deref(), &WasmHost))
+        self.with(|r, rt| r.on_response_headers(rt, &WasmHost))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        action(self.request.on_response_body(self.rt.as_deref(), &WasmHost, body_size, end_of_stream))
+        self.with(|r, rt| r.on_response_body(rt, &WasmHost, body_size, end_of_stream))
     }
 
     fn on_log(&mut self) {
-        self.request.on_log(self.rt.as_deref(), &WasmHost);
+        self.request.borrow_mut().on_log(self.rt.as_deref(), &WasmHost);
     }
 }
 

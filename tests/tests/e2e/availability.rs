@@ -97,3 +97,33 @@ fn a_slot_held_by_a_trapped_vm_comes_back_after_request_timeout() {
     let back = first_ok.expect("the slot never came back");
     assert!(back >= std::time::Duration::from_millis(2000), "back after {back:?}: the trapped request's slot was not held");
 }
+
+/// `server.queue_timeout: 2s`: a request that finds the only key resting for 1 s waits and is
+/// answered after about a second, instead of a 429; a rest longer than the wait is a 429 at once.
+#[test]
+fn a_request_waits_about_a_second_for_a_key_that_rests_a_second() {
+    let a = mock("a", "sk-av-q-a-000000", &["gpt-4o"]);
+    let cfg = format!(
+        "server:\n  master_key: \"{MASTER}\"\n  default_models_rpm: -1\n  max_provider_retries: 0\n  queue_timeout: 2s\ncredentials:\n{}",
+        cred("cred_a", "sk-av-q-a-000000", &a.url(), ""),
+    );
+    let r = Router::start(&cfg);
+    control(&a, json!({"fail_next": 1, "fail_status": 429, "fail_headers": {"retry-after": "1"}}));
+    assert_eq!(r.chat("gpt-4o").status, 429, "the provider's own 429: the key rests 1 s");
+    let start = std::time::Instant::now();
+    let waited = r.chat("gpt-4o");
+    let took = start.elapsed();
+    assert_eq!(waited.status, 200, "{}", waited.describe());
+    assert!(took >= std::time::Duration::from_millis(700) && took < std::time::Duration::from_millis(1900), "answered after {took:?}");
+    // Histograms reach /metrics at Envoy's stats flush (5 s).
+    e2e::harness::wait_for("the queue wait histogram", std::time::Duration::from_secs(8), || {
+        (r.metric("auto_ai_router_queue_wait_milliseconds_count", &[]).unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    // A rest longer than the wait: today's 429, at once.
+    control(&a, json!({"fail_next": 1, "fail_status": 429, "fail_headers": {"retry-after": "30"}}));
+    assert_eq!(r.chat("gpt-4o").status, 429);
+    let start = std::time::Instant::now();
+    let refused = r.chat("gpt-4o");
+    assert_eq!((refused.status, refused.header("x-mock-provider")), (429, None), "{}", refused.describe());
+    assert!(start.elapsed() < std::time::Duration::from_millis(500), "refused at once, not after the wait");
+}
