@@ -34,6 +34,7 @@ pub mod balancer;
 pub mod body;
 pub mod body_scan;
 pub mod config;
+pub mod content_encoding;
 pub mod cooldown;
 pub mod endpoints;
 pub mod errors;
