@@ -6,6 +6,7 @@ mod auth;
 mod balance;
 mod bodies;
 mod client;
+mod compression;
 mod dashboard;
 mod fail2ban;
 mod fault;
