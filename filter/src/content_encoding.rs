@@ -140,13 +140,11 @@ impl DecodeError {
 }
 
 /// The message for a request whose `Content-Encoding` the router can't read (415).
-pub const UNSUPPORTED_MESSAGE: &str =
-    "The request's Content-Encoding is not supported: use one of gzip, deflate, br or zstd (or none).";
+pub const UNSUPPORTED_MESSAGE: &str = "The request's Content-Encoding is not supported: use one of gzip, deflate, br or zstd (or none).";
 
 /// A streaming decoder; see the module doc. After an error every call returns that error.
 pub struct Decoder {
     codec: Codec,
-    out: Box<[u8]>,
     produced: u64,
     cap: u64,
     failed: Option<DecodeError>,
@@ -182,7 +180,7 @@ impl Decoder {
             Coding::Br => Codec::Brotli(Box::new(Brotli::new())),
             Coding::Zstd => Codec::Zstd(Box::new(Zstd::new())),
         };
-        Decoder { codec, out: vec![0u8; OUT_CHUNK].into_boxed_slice(), produced: 0, cap, failed: None }
+        Decoder { codec, produced: 0, cap, failed: None }
     }
 
     pub fn coding(&self) -> Coding {
@@ -223,11 +221,25 @@ impl Decoder {
                 Err(Halt::Sink)
             }
         };
-        let result = match &mut self.codec {
-            Codec::Flate(f) => f.feed(input, &mut self.out, &mut out),
-            Codec::Brotli(b) => b.feed(input, &mut self.out, &mut out),
-            Codec::Zstd(z) => z.feed(input, &mut self.out, &mut out),
-        };
+        let codec = &mut self.codec;
+        let result = SCRATCH.with(|scratch| {
+            // Decoding never re-enters itself (the sink only reads), so one buffer serves every
+            // stream of the VM; a re-entry would get a fresh one rather than fail.
+            let mut fresh;
+            let mut guard = scratch.try_borrow_mut();
+            let buf: &mut [u8] = match guard.as_mut() {
+                Ok(b) => &mut b[..],
+                Err(_) => {
+                    fresh = vec![0u8; OUT_CHUNK];
+                    &mut fresh[..]
+                }
+            };
+            match codec {
+                Codec::Flate(f) => f.feed(input, buf, &mut out),
+                Codec::Brotli(b) => b.feed(input, buf, &mut out),
+                Codec::Zstd(z) => z.feed(input, buf, &mut out),
+            }
+        });
         match result {
             Ok(()) | Err(Halt::Sink) => Ok(()),
             Err(Halt::Err(e)) => {
@@ -262,6 +274,11 @@ impl Decoder {
     }
 }
 
+thread_local! {
+    /// The decoded pieces' buffer, shared by the VM's streams (wasm runs one callback at a time).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; OUT_CHUNK].into_boxed_slice());
+}
+
 /// Codecs report corruption with a placeholder coding; `Decoder::feed` names the real one.
 fn corrupt(what: &'static str) -> Halt {
     Halt::Err(DecodeError::Corrupt { coding: Coding::Gzip, what })
@@ -289,7 +306,9 @@ enum FlateStage {
     /// gzip: the member header, in `pending` up to its fixed 10 bytes, then its optional parts.
     GzFixed,
     GzExtraLen,
-    GzExtra { left: u16 },
+    GzExtra {
+        left: u16,
+    },
     GzName,
     GzComment,
     GzHcrc,
@@ -307,7 +326,8 @@ struct Flate {
     stage: FlateStage,
     flags: u8,
     pending: Vec<u8>,
-    z: Decompress,
+    /// Created when the first member's data starts (its state is 42 KB, zeroed once).
+    z: Option<Decompress>,
     /// gzip: CRC-32 of the header (for FHCRC), then of the member's data.
     crc: crc32fast::Hasher,
     size: u32,
@@ -321,7 +341,7 @@ impl Flate {
             stage: if gzip { FlateStage::GzFixed } else { FlateStage::Sniff },
             flags: 0,
             pending: Vec::new(),
-            z: Decompress::new(false),
+            z: None,
             crc: crc32fast::Hasher::new(),
             size: 0,
             members: 0,
@@ -458,7 +478,10 @@ impl Flate {
     }
 
     fn start_body(&mut self, zlib: bool) {
-        self.z.reset(zlib);
+        match self.z.as_mut() {
+            Some(z) => z.reset(zlib),
+            None => self.z = Some(Decompress::new(zlib)),
+        }
         self.crc = crc32fast::Hasher::new();
         self.size = 0;
         self.stage = FlateStage::Body;
@@ -466,11 +489,12 @@ impl Flate {
 
     /// Inflates from `input` until it is used up or the stream ends; returns the unused rest.
     fn inflate<'i>(&mut self, mut input: &'i [u8], out: &mut [u8], emit: &mut Out<'_>) -> Result<&'i [u8], Halt> {
+        let Some(z) = self.z.as_mut() else { return Err(corrupt("no deflate stream")) };
         loop {
-            let (in0, out0) = (self.z.total_in(), self.z.total_out());
-            let status = self.z.decompress(input, out, FlushDecompress::None).map_err(|_| corrupt("invalid deflate data"))?;
-            let used = (self.z.total_in() - in0) as usize;
-            let made = (self.z.total_out() - out0) as usize;
+            let (in0, out0) = (z.total_in(), z.total_out());
+            let status = z.decompress(input, out, FlushDecompress::None).map_err(|_| corrupt("invalid deflate data"))?;
+            let used = (z.total_in() - in0) as usize;
+            let made = (z.total_out() - out0) as usize;
             input = input.get(used..).unwrap_or_default();
             let piece = out.get(..made).unwrap_or_default();
             if self.gzip {
@@ -524,7 +548,11 @@ fn brotli_window(first: u8) -> Option<u64> {
 impl Brotli {
     fn new() -> Brotli {
         use brotli_decompressor::StandardAlloc;
-        Brotli { state: BrotliState::new(StandardAlloc::default(), StandardAlloc::default(), StandardAlloc::default()), checked: false, done: false }
+        Brotli {
+            state: BrotliState::new(StandardAlloc::default(), StandardAlloc::default(), StandardAlloc::default()),
+            checked: false,
+            done: false,
+        }
     }
 
     fn feed(&mut self, mut input: &[u8], out: &mut [u8], emit: &mut Out<'_>) -> Result<(), Halt> {
@@ -679,7 +707,9 @@ impl Zstd {
                     if size > MAX_WINDOW {
                         return Err(Halt::Err(DecodeError::Window { coding: Coding::Zstd, size }));
                     }
-                    self.frame.reset(&self.pending[..]).map_err(|_| corrupt("invalid zstd frame header (dictionaries are not supported)"))?;
+                    self.frame
+                        .reset(&self.pending[..])
+                        .map_err(|_| corrupt("invalid zstd frame header (dictionaries are not supported)"))?;
                     self.checksum = descriptor & 0x04 != 0;
                     self.pending.clear();
                     self.stage = ZstdStage::Block;
@@ -697,7 +727,9 @@ impl Zstd {
                     // The block's header tells how much of it to gather; a whole block from the
                     // chunk at hand is decoded in place.
                     let from_input = self.pending.is_empty() && input.len() >= 3;
-                    let head = if from_input { [input[0], input[1], input[2]] } else {
+                    let head = if from_input {
+                        [input[0], input[1], input[2]]
+                    } else {
                         if !fill(&mut self.pending, &mut input, 3) {
                             return Ok(());
                         }

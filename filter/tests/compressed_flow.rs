@@ -195,7 +195,13 @@ fn include_usage_is_found_in_the_decoded_body() {
     let h = host(&store, Some("zstd"), &encode("zstd", body));
     let (mut r, action) = run(&rt, &h, 1);
     assert_eq!(action, Action::Continue);
-    respond(&rt, &h, &mut r, &[("content-type", "text/event-stream")], &[b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n"]);
+    respond(
+        &rt,
+        &h,
+        &mut r,
+        &[("content-type", "text/event-stream")],
+        &[b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n"],
+    );
     assert_eq!(h.metric("auto_ai_router_tokens_total.credential=.=c1;.;.model=.=m;.;.type=.=completion;.;"), 3);
 }
 
@@ -216,7 +222,8 @@ fn respond(rt: &Runtime, h: &MemHost, r: &mut Request, headers: &[(&str, &str)],
 fn compressed_answers_have_their_usage_read_and_unreadable_ones_count_as_missing() {
     let rt = runtime("");
     let store = Rc::new(MemStore::default());
-    let json = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":20,"completion_tokens":40,"total_tokens":60}}"#;
+    let json =
+        br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":20,"completion_tokens":40,"total_tokens":60}}"#;
     let sse = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
     let h = host(&store, None, BODY);
     let request_headers = h.request_headers.borrow().clone();

@@ -61,7 +61,8 @@ fn whole(coding: Coding, input: &[u8]) -> Result<Vec<u8>, DecodeError> {
     decode(coding, &[input], u64::MAX)
 }
 
-const TEXT: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello hello hello hello, compressed world"}],"stream":true}"#;
+const TEXT: &[u8] =
+    br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello hello hello hello, compressed world"}],"stream":true}"#;
 
 fn samples() -> Vec<(Coding, &'static str, Vec<u8>)> {
     vec![
@@ -96,8 +97,11 @@ fn every_coding_decodes_whole_split_at_every_boundary_and_byte_by_byte() {
 #[test]
 fn large_bodies_come_out_in_bounded_pieces() {
     // 3 MB of varied JSON-ish text: many output pieces, several zstd blocks and deflate blocks.
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| b"abcdefghij{}[]\":, 0123456789"[(i.wrapping_mul(2_654_435_761) >> 24) as usize % 28]).collect();
-    for (coding, enc) in [(Coding::Gzip, gzip(&data)), (Coding::Deflate, zlib(&data)), (Coding::Br, br(&data, 22)), (Coding::Zstd, zst(&data, true))] {
+    let data: Vec<u8> =
+        (0..3_000_000u32).map(|i| b"abcdefghij{}[]\":, 0123456789"[(i.wrapping_mul(2_654_435_761) >> 24) as usize % 28]).collect();
+    for (coding, enc) in
+        [(Coding::Gzip, gzip(&data)), (Coding::Deflate, zlib(&data)), (Coding::Br, br(&data, 22)), (Coding::Zstd, zst(&data, true))]
+    {
         let chunks: Vec<&[u8]> = enc.chunks(64 * 1024).collect();
         assert_eq!(decode(coding, &chunks, u64::MAX).unwrap(), data, "{coding:?}");
     }
@@ -211,10 +215,13 @@ fn the_cap_is_exact_and_stops_decoding() {
         assert_eq!(decode(coding, &[&enc], n - 1), Err(DecodeError::TooLarge), "{name}: one byte over");
         let mut d = Decoder::new(coding, n - 1);
         let mut got = 0;
-        assert_eq!(d.feed(&enc, |p| {
-            got += p.len();
-            true
-        }), Err(DecodeError::TooLarge));
+        assert_eq!(
+            d.feed(&enc, |p| {
+                got += p.len();
+                true
+            }),
+            Err(DecodeError::TooLarge)
+        );
         assert!(got < TEXT.len(), "{name}: no byte past the cap reached the sink");
         assert_eq!(d.feed(b"more", |_| panic!("no output after an error")), Err(DecodeError::TooLarge), "the error sticks");
         assert_eq!(d.finish(), Err(DecodeError::TooLarge));
@@ -227,10 +234,13 @@ fn a_sink_can_stop_the_decoding() {
     let enc = gzip(&data);
     let mut d = Decoder::new(Coding::Gzip, u64::MAX);
     let mut pieces = 0;
-    assert_eq!(d.feed(&enc, |_| {
-        pieces += 1;
-        false
-    }), Ok(()));
+    assert_eq!(
+        d.feed(&enc, |_| {
+            pieces += 1;
+            false
+        }),
+        Ok(())
+    );
     assert_eq!(pieces, 1);
     assert!(d.produced() <= OUT_CHUNK as u64);
 }

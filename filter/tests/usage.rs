@@ -590,4 +590,3 @@ fn throughput() {
         eprintln!("usage ({build}), {} B {name}: {:.0} ns per response", body.len(), body.len() as f64 / r * 1e9);
     }
 }
-

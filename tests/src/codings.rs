@@ -45,11 +45,9 @@ impl Coding {
         accept_encoding.split(',').any(|item| {
             let mut parts = item.split(';');
             let name = parts.next().unwrap_or("").trim();
-            let q = parts
-                .filter_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok()))
-                .next()
-                .unwrap_or(1.0);
-            q > 0.0 && (name.eq_ignore_ascii_case(self.name()) || name == "*" || (self == Coding::Gzip && name.eq_ignore_ascii_case("x-gzip")))
+            let q = parts.filter_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok())).next().unwrap_or(1.0);
+            q > 0.0
+                && (name.eq_ignore_ascii_case(self.name()) || name == "*" || (self == Coding::Gzip && name.eq_ignore_ascii_case("x-gzip")))
         })
     }
 }

@@ -437,7 +437,8 @@ impl Mock {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("")
             .to_string();
-        let content_encoding = req.headers().get(hyper::header::CONTENT_ENCODING).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let content_encoding =
+            req.headers().get(hyper::header::CONTENT_ENCODING).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let accept_encoding = req.headers().get(hyper::header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),

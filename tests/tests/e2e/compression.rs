@@ -34,7 +34,8 @@ fn last_body(m: &e2e::mock::BackgroundMock) -> Value {
 #[test]
 fn gzip_br_and_zstd_request_bodies_are_routed_and_reach_the_provider_as_sent() {
     let a = mock("a", "sk-ce-a-0000000", &["gpt-4o"]);
-    let r = Router::start(&format!("server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}", cred("cred_a", "sk-ce-a-0000000", &a.url(), -1)));
+    let r =
+        Router::start(&format!("server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}", cred("cred_a", "sk-ce-a-0000000", &a.url(), -1)));
     let long = "a long prompt that compresses well ".repeat(400);
     for coding in [Coding::Gzip, Coding::Br, Coding::Zstd, Coding::Deflate] {
         let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": long}]});
@@ -65,9 +66,8 @@ fn gzip_br_and_zstd_request_bodies_are_routed_and_reach_the_provider_as_sent() {
 
 fn rss_kb(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-    };
+    let field =
+        |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
     (field("VmRSS:"), field("VmHWM:"))
 }
 
@@ -123,7 +123,8 @@ fn an_inflation_bomb_is_413_at_once_with_envoy_memory_bounded() {
 #[test]
 fn unknown_codings_are_415_and_corrupt_payloads_400_before_any_provider() {
     let a = mock("a", "sk-ce-bad-000000", &["gpt-4o"]);
-    let r = Router::start(&format!("server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}", cred("cred_a", "sk-ce-bad-000000", &a.url(), -1)));
+    let r =
+        Router::start(&format!("server:\n  master_key: \"{MASTER}\"\ncredentials:\n{}", cred("cred_a", "sk-ce-bad-000000", &a.url(), -1)));
     let body = serde_json::to_vec(&json!({"model": "gpt-4o", "messages": []})).unwrap();
     let post = |encoding: &str, bytes: Vec<u8>| {
         r.send(&Request::post("/v1/chat/completions").bearer(MASTER).header("Content-Encoding", encoding).body(bytes))
