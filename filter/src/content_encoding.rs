@@ -70,7 +70,7 @@ pub enum Encoding {
 
 impl Encoding {
     /// Adds one `Content-Encoding` header value.
-    pub fn add(self, value: &[u8]) -> Encoding {
+    pub fn with(self, value: &[u8]) -> Encoding {
         value.split(|b| *b == b',').map(<[u8]>::trim_ascii).fold(self, |acc, token| {
             if token.is_empty() || token.eq_ignore_ascii_case(b"identity") {
                 return acc;
@@ -83,7 +83,7 @@ impl Encoding {
     }
 
     pub fn of<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Encoding {
-        values.into_iter().fold(Encoding::Identity, Encoding::add)
+        values.into_iter().fold(Encoding::Identity, Encoding::with)
     }
 }
 

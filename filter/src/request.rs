@@ -148,7 +148,7 @@ fn seen(map: &HeaderMap) -> Seen<'_> {
             b":path" => s.path = text(value),
             b":authority" => s.authority = text(value),
             b"authorization" => s.authorization = Some(value),
-            b"content-encoding" => s.encoding = s.encoding.add(value),
+            b"content-encoding" => s.encoding = s.encoding.with(value),
             n if n == CLUSTER_HEADER.as_bytes() => s.forbidden.push(CLUSTER_HEADER),
             b"x-api-key" => s.forbidden.push("x-api-key"),
             #[cfg(feature = "fault-injection")]

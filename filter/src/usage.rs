@@ -26,6 +26,10 @@
 //! string or an overflowing number is as if the field were absent (0). `total` is `total_tokens`
 //! when reported, else prompt + completion.
 //!
+//! A compressed answer (`Content-Encoding` gzip, deflate, br, zstd: [`UsageReader::decoding`]) is
+//! scanned as it decodes, in [`crate::content_encoding::OUT_CHUNK`] pieces, never held whole; one
+//! that does not decode reports no usage.
+//!
 //! The scan does not validate JSON (the client judges the body, we only count): on valid JSON it
 //! finds the `usage` that `serde_json::Value` holds, within the rules above (`tests/usage.rs`
 //! checks that differentially); on anything
