@@ -4,9 +4,9 @@
 //! The decoder is pushed compressed chunks as Envoy hands them over and gives the decoded bytes to
 //! a sink in pieces of at most [`OUT_CHUNK`] bytes; it never holds a decoded body. Its memory is
 //! the codec's state and nothing that grows with the body:
-//! - gzip / deflate: flate2's inflater (miniz_oxide, a 32 KiB window); the gzip header and trailer
-//!   are read here, so a header's file name or comment (unbounded) is skipped, never stored, as
-//!   flate2's own `GzDecoder` would store it. deflate is zlib (RFC 1950), or raw deflate (RFC
+//! - gzip / deflate: zlib-rs's inflater (a 32 KiB window; in wasm it runs in about a third of the
+//!   instructions miniz_oxide needs); the gzip header and trailer are read here, so a header's file
+//!   name or comment (unbounded) is skipped, never stored, as flate2's `GzDecoder` would store it. deflate is zlib (RFC 1950), or raw deflate (RFC
 //!   1951) when the first two bytes are not a zlib header, as browsers tolerate.
 //! - br: brotli-decompressor, refused when the stream's window is above [`MAX_WINDOW`].
 //! - zstd: ruzstd, fed one block at a time (a block decodes to at most 128 KiB), refused when the
@@ -17,7 +17,7 @@
 //! [`DecodeError::TooLarge`], so a small bomb costs no more than the cap. Streams end where their
 //! format says; data after the end (except another gzip member or zstd frame) is corrupt.
 
-use flate2::{Decompress, FlushDecompress, Status};
+use zlib_rs::{Inflate, InflateFlush, Status};
 
 /// Most decoded bytes handed to the sink at once.
 pub const OUT_CHUNK: usize = 16 * 1024;
@@ -327,7 +327,7 @@ struct Flate {
     flags: u8,
     pending: Vec<u8>,
     /// Created when the first member's data starts (its state is 42 KB, zeroed once).
-    z: Option<Decompress>,
+    z: Option<Inflate>,
     /// gzip: CRC-32 of the header (for FHCRC), then of the member's data.
     crc: crc32fast::Hasher,
     size: u32,
@@ -480,7 +480,7 @@ impl Flate {
     fn start_body(&mut self, zlib: bool) {
         match self.z.as_mut() {
             Some(z) => z.reset(zlib),
-            None => self.z = Some(Decompress::new(zlib)),
+            None => self.z = Some(Inflate::new(zlib, 15)),
         }
         self.crc = crc32fast::Hasher::new();
         self.size = 0;
@@ -492,7 +492,7 @@ impl Flate {
         let Some(z) = self.z.as_mut() else { return Err(corrupt("no deflate stream")) };
         loop {
             let (in0, out0) = (z.total_in(), z.total_out());
-            let status = z.decompress(input, out, FlushDecompress::None).map_err(|_| corrupt("invalid deflate data"))?;
+            let status = z.decompress(input, out, InflateFlush::NoFlush).map_err(|_| corrupt("invalid deflate data"))?;
             let used = (z.total_in() - in0) as usize;
             let made = (z.total_out() - out0) as usize;
             input = input.get(used..).unwrap_or_default();
