@@ -157,6 +157,8 @@ pub struct Head {
     pub status: u16,
     /// From `content-type`: how to read the body's usage (None: not read).
     pub format: Option<crate::usage::Format>,
+    /// From `content-encoding`: whether (and how) the body must be decoded to read its usage.
+    pub encoding: crate::content_encoding::Encoding,
     pub hints: Hints,
 }
 
@@ -171,6 +173,7 @@ pub fn read_head(host: &dyn Host) -> Head {
             b"content-type" if head.format.is_none() => {
                 head.format = std::str::from_utf8(value).ok().and_then(crate::usage::Format::from_content_type)
             }
+            b"content-encoding" => head.encoding = head.encoding.with(value),
             // The first of repeated headers, as Envoy's map lookup gives it.
             b"retry-after" => retry_after = retry_after.or(Some(value)),
             b"x-ratelimit-reset-requests" => reset = reset.or(Some(value)),

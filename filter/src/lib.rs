@@ -31,6 +31,7 @@ pub mod body;
 pub mod body_scan;
 pub mod concurrency;
 pub mod config;
+pub mod content_encoding;
 pub mod cooldown;
 pub mod endpoints;
 pub mod errors;

@@ -12,6 +12,7 @@ use crate::balancer::{self, Selection, Walk};
 use crate::body;
 use crate::body_scan;
 use crate::config::LogLevel;
+use crate::content_encoding::{self, DecodeError, Decoder, Encoding};
 use crate::endpoints::{self, Route};
 use crate::errors;
 use crate::global::{self, Check, Gate};
@@ -59,6 +60,8 @@ pub struct Request {
     /// The body is scanned for `model` chunk by chunk as it arrives: each chunk is copied, scanned
     /// and dropped, so a worker's memory does not grow to the largest body it has seen.
     scanner: Option<Box<body_scan::Scanner>>,
+    /// A compressed body's decoder: the scanner reads what it decodes.
+    decoder: Option<Box<Decoder>>,
     start_ms: u64,
     start_us: u64,
     /// When the request was routed (sent upstream): what a provider's answer is accounted against.
@@ -151,6 +154,7 @@ struct Seen<'a> {
     authorization: Option<&'a [u8]>,
     /// A client's own `x-api-key` (a key it must never send upstream through the router).
     api_key: bool,
+    encoding: Encoding,
     /// `trap` traps at the request headers, `trap-response` at the response headers (after the
     /// request was routed and holds its slots).
     #[cfg(feature = "fault-injection")]
@@ -170,6 +174,7 @@ fn seen(map: &HeaderMap) -> Seen<'_> {
             b":authority" => s.authority = text(value),
             b"authorization" => s.authorization = Some(value),
             b"x-api-key" => s.api_key = true,
+            b"content-encoding" => s.encoding = s.encoding.with(value),
             #[cfg(feature = "fault-injection")]
             b"x-auto-ai-router-fault" => {
                 s.fault = match value {
@@ -254,10 +259,15 @@ impl Request {
             }
         }
         if (200..300).contains(&status) && self.model.is_some() {
-            match head.format {
-                Some(f) if self.wants_usage(rt, f) => self.usage = Some(Box::new(usage::UsageReader::new(f))),
-                Some(_) => self.usage_unscanned = true,
-                None => {}
+            match (head.format, head.encoding) {
+                // A coding the router can't read: counted as an answer without usage, not copied.
+                (Some(_), Encoding::Unsupported) => self.usage_unscanned = true,
+                (Some(f), encoding) if self.wants_usage(rt, f) => {
+                    let coding = if let Encoding::Coded(c) = encoding { Some(c) } else { None };
+                    self.usage = Some(Box::new(usage::UsageReader::decoding(f, coding)));
+                }
+                (Some(_), _) => self.usage_unscanned = true,
+                (None, _) => {}
             }
         }
         if rt.retries_on() {
@@ -583,10 +593,19 @@ impl Request {
                 let e = body::BodyError::MissingModel;
                 Ok(self.reply(Some(rt), host, 400, &e.message(), Some(e.code()), "bad_request", &[]))
             }
-            Route::Inference => {
-                self.phase = Phase::Body;
-                Ok(Action::Pause)
-            }
+            Route::Inference => match seen.encoding {
+                Encoding::Unsupported => {
+                    let msg = content_encoding::UNSUPPORTED_MESSAGE;
+                    Ok(self.reply(Some(rt), host, 415, msg, Some("unsupported_content_encoding"), "unsupported_encoding", &[]))
+                }
+                encoding => {
+                    if let Encoding::Coded(c) = encoding {
+                        self.decoder = Some(Box::new(Decoder::new(c, rt.cfg.server.max_body_size_bytes)));
+                    }
+                    self.phase = Phase::Body;
+                    Ok(Action::Pause)
+                }
+            },
             _ => self.route_to(rt, host, None),
         }
     }
@@ -605,19 +624,23 @@ impl Request {
                 break;
             }
             self.scanned += chunk.len();
-            result = scanner.feed(&chunk);
-            if !self.asked_usage {
-                self.asked_usage = self.probe.mentions_include_usage(&chunk);
-            }
+            result = feed_body(self.decoder.as_deref_mut(), &chunk, scanner, &mut self.probe, &mut self.asked_usage);
         }
         let model = match result {
             Err(e) => Err(e),
             Ok(()) if !end_of_stream => return Ok(Action::Pause),
-            Ok(()) => self.scanner.take().map_or(Err(body::BodyError::MissingModel), |s| s.finish()),
+            Ok(()) => match self.decoder.take().map(|mut d| d.finish()) {
+                Some(Err(e)) => Err(Refusal::Decode(e)),
+                _ => self.scanner.take().map_or(Err(body::BodyError::MissingModel), |s| s.finish()).map_err(Refusal::Body),
+            },
         };
         match model {
             Ok(model) => self.route_to(rt, host, Some(model)),
-            Err(e) => Ok(self.reply(Some(rt), host, 400, &e.message(), Some(e.code()), "bad_request", &[])),
+            Err(Refusal::Body(e)) => Ok(self.reply(Some(rt), host, 400, &e.message(), Some(e.code()), "bad_request", &[])),
+            Err(Refusal::Decode(e)) => {
+                let msg = e.message(rt.cfg.server.max_body_size_bytes >> 20);
+                Ok(self.reply(Some(rt), host, e.status(), &msg, Some(e.code()), e.reason(), &[]))
+            }
         }
     }
 
@@ -662,6 +685,40 @@ impl Request {
             }
         }
     }
+}
+
+/// Why a request body is refused: its JSON, or its `Content-Encoding` payload.
+enum Refusal {
+    Body(body::BodyError),
+    Decode(DecodeError),
+}
+
+/// One chunk of the request body (decoded first when it is compressed) into the model scanner
+/// and the `include_usage` probe; the first refusal stops it.
+fn feed_body(
+    decoder: Option<&mut Decoder>,
+    chunk: &[u8],
+    scanner: &mut body_scan::Scanner,
+    probe: &mut UsageProbe,
+    asked: &mut bool,
+) -> Result<(), Refusal> {
+    let mut take = |bytes: &[u8]| {
+        if !*asked {
+            *asked = probe.mentions_include_usage(bytes);
+        }
+        scanner.feed(bytes)
+    };
+    let Some(d) = decoder else { return take(chunk).map_err(Refusal::Body) };
+    let mut refused = None;
+    d.feed(chunk, |piece| match take(piece) {
+        Ok(()) => true,
+        Err(e) => {
+            refused = Some(e);
+            false
+        }
+    })
+    .map_err(Refusal::Decode)?;
+    refused.map_or(Ok(()), |e| Err(Refusal::Body(e)))
 }
 
 fn resume_walk(rt: &Runtime, host: &dyn Host, model: Option<&str>, walk: &mut Walk, gate: Gate, check: &Check<'_>, now: u64) -> Selection {

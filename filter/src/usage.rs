@@ -26,12 +26,17 @@
 //! string or an overflowing number is as if the field were absent (0). `total` is `total_tokens`
 //! when reported, else prompt + completion.
 //!
+//! A compressed answer (`Content-Encoding` gzip, deflate, br, zstd: [`UsageReader::decoding`]) is
+//! scanned as it decodes, in [`crate::content_encoding::OUT_CHUNK`] pieces, never held whole; one
+//! that does not decode reports no usage.
+//!
 //! The scan does not validate JSON (the client judges the body, we only count): on valid JSON it
 //! finds the `usage` that `serde_json::Value` holds, within the rules above (`tests/usage.rs`
 //! checks that differentially); on anything
 //! else it never panics and stays within its bounds. Keys are compared decoded (`"us\u0061ge"` is
 //! `usage`). Strings, where most of a body's bytes are, are skipped with `memchr`.
 
+use crate::content_encoding::{Coding, DecodeError, Decoder};
 use memchr::{memchr, memchr2};
 use serde::Deserialize;
 use serde_json::Value;
@@ -108,10 +113,18 @@ impl Usage {
     }
 }
 
+/// Most decoded bytes of one compressed answer read for usage (an answer this large reports its
+/// usage, if at all, past what is worth a worker's time: decoding stops there).
+pub const MAX_DECODED_ANSWER: u64 = 256 << 20;
+
 /// Incremental reader of one response body; see the module doc. Feed every chunk in order.
 #[derive(Debug)]
 pub struct UsageReader {
     inner: Inner,
+    /// A compressed answer's decoder: the scan reads what it decodes.
+    decoder: Option<Box<Decoder>>,
+    /// The compressed answer could not be read (corrupt, or a window too large): no usage.
+    unreadable: bool,
 }
 
 #[derive(Debug)]
@@ -126,19 +139,40 @@ impl UsageReader {
             Format::Json => Inner::Json(JsonScan::new(false)),
             Format::Sse => Inner::Sse(SseScan { line: Line::Field(0), json: JsonScan::new(true), last: None }),
         };
-        UsageReader { inner }
+        UsageReader { inner, decoder: None, unreadable: false }
     }
 
-    /// The next chunk of the body. Never fails; work is linear in the chunk.
+    /// A reader of an answer with this `Content-Encoding` (None: not compressed). It is fed the
+    /// compressed chunks and scans the decoded bytes, at most [`MAX_DECODED_ANSWER`] of them.
+    pub fn decoding(format: Format, coding: Option<Coding>) -> UsageReader {
+        let mut r = UsageReader::new(format);
+        r.decoder = coding.map(|c| Box::new(Decoder::new(c, MAX_DECODED_ANSWER)));
+        r
+    }
+
+    /// The next chunk of the body. Never fails; work is linear in the chunk (in what it decodes
+    /// to, for a compressed answer).
     pub fn feed(&mut self, chunk: &[u8]) {
-        match &mut self.inner {
-            Inner::Json(j) => j.feed(chunk),
-            Inner::Sse(s) => s.feed(chunk),
+        let Some(d) = self.decoder.as_mut() else { return self.inner.feed(chunk) };
+        if self.unreadable {
+            return;
+        }
+        let inner = &mut self.inner;
+        match d.feed(chunk, |piece| {
+            inner.feed(piece);
+            true
+        }) {
+            // Past the cap: what was read still counts, the rest is not decoded.
+            Ok(()) | Err(DecodeError::TooLarge) => {}
+            Err(_) => self.unreadable = true,
         }
     }
 
     /// What is known so far (for SSE: events whose line has ended).
     pub fn usage(&self) -> Option<Usage> {
+        if self.unreadable {
+            return None;
+        }
         match &self.inner {
             Inner::Json(j) => j.found,
             Inner::Sse(s) => s.last,
@@ -147,6 +181,9 @@ impl UsageReader {
 
     /// The end of the body (an SSE stream's last line may lack its newline).
     pub fn finish(self) -> Option<Usage> {
+        if self.unreadable {
+            return None;
+        }
         match self.inner {
             Inner::Json(j) => j.found,
             Inner::Sse(mut s) => {
@@ -163,6 +200,15 @@ impl UsageReader {
         match &self.inner {
             Inner::Json(j) => j.buf.capacity(),
             Inner::Sse(s) => s.json.buf.capacity(),
+        }
+    }
+}
+
+impl Inner {
+    fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            Inner::Json(j) => j.feed(chunk),
+            Inner::Sse(s) => s.feed(chunk),
         }
     }
 }

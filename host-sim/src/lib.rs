@@ -366,4 +366,9 @@ impl Vm {
     pub fn shared_sets(&self) -> u64 {
         self.store.data().stats.shared_sets
     }
+    /// The module's linear memory in bytes: its high-water mark, since wasm memory never shrinks
+    /// (0 before the host first touched it).
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().memory.map_or(0, |m| m.data_size(&self.store))
+    }
 }

@@ -40,6 +40,16 @@ impl Response {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("response {} is not JSON ({e}): {:?}", self.status, self.text()))
     }
 
+    /// The body decoded as its `Content-Encoding` says, as an HTTP client would (panics when it
+    /// does not decode: the client could not read it either).
+    pub fn decoded(&self) -> Vec<u8> {
+        match crate::codings::Coding::parse(self.header("content-encoding")) {
+            Ok(None) => self.body.clone(),
+            Ok(Some(c)) => crate::codings::decode(c, &self.body).unwrap_or_else(|e| panic!("response {}: {e}", self.status)),
+            Err(e) => panic!("response {}: {e}", self.status),
+        }
+    }
+
     /// `error.code` of an OpenAI-style error body (None when absent or not JSON).
     pub fn error_code(&self) -> Option<String> {
         let v: Value = serde_json::from_slice(&self.body).ok()?;

@@ -1,5 +1,6 @@
 //! End-to-end harness and the mock OpenAI provider.
 
+pub mod codings;
 pub mod http;
 pub mod mock;
 

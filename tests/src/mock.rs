@@ -10,7 +10,13 @@
 //! `POST /_control` (merge a JSON object into the settings: failure injection with chosen status and
 //! headers, extra response headers, delays, models, keys),
 //! `GET /health`.
+//!
+//! Compressed bodies: a request body with `Content-Encoding` gzip, deflate, br or zstd is decoded
+//! before it is read (a body that does not decode is a loud 400 `mock_bad_body`, an unknown coding
+//! 415), and with the `compress` setting every `/v1/*` answer (JSON or SSE, flushed event by event)
+//! is compressed in that coding when the request's `Accept-Encoding` allows it.
 
+use crate::codings::{Coding, Compressor};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -88,6 +94,8 @@ pub struct Settings {
     /// A base path the mock serves its API under (e.g. `/pa` for a `base_url` of `http://host/pa`):
     /// removed before routing; the log and stats keep the path as received.
     pub path_prefix: String,
+    /// Compress `/v1/*` answers in this coding when the request's `Accept-Encoding` allows it.
+    pub compress: Option<Coding>,
 }
 
 impl Default for Settings {
@@ -113,6 +121,7 @@ impl Default for Settings {
             fault_scope: FaultScope::Inference,
             embedding_dims: 8,
             path_prefix: String::new(),
+            compress: None,
         }
     }
 }
@@ -127,8 +136,11 @@ pub struct LogEntry {
     pub key: String,
     /// The `Host` header (HTTP/1.1) or URI authority (HTTP/2) the request came with.
     pub host: String,
-    /// Bytes of request body received.
+    /// Bytes of request body received (before decoding a compressed one).
     pub body_len: usize,
+    /// The request's `Content-Encoding`, and the CRC-32 of the body bytes as received.
+    pub content_encoding: Option<String>,
+    pub body_crc32: u32,
     pub model: Option<String>,
     pub stream: bool,
     /// Status sent; 0 = connection dropped.
@@ -449,11 +461,43 @@ impl Mock {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("")
             .to_string();
+        let content_encoding =
+            req.headers().get(hyper::header::CONTENT_ENCODING).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let accept_encoding = req.headers().get(hyper::header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return Err(Dropped),
         };
-        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+        let mut crc = flate2::Crc::new();
+        crc.update(&body);
+        // A compressed body must decode: a router that garbles it is caught here, loudly.
+        let decoded = match Coding::parse(content_encoding.as_deref()) {
+            Ok(None) => Ok(body.clone()),
+            Ok(Some(c)) => crate::codings::decode(c, &body).map(Bytes::from).map_err(|e| (400, "mock_bad_body", e)),
+            Err(e) => Err((415, "mock_unsupported_encoding", e)),
+        };
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err((status, code, e)) => {
+                let entry = LogEntry {
+                    seq,
+                    method: method.to_string(),
+                    path: path.clone(),
+                    key,
+                    host,
+                    body_len: body.len(),
+                    content_encoding,
+                    body_crc32: crc.sum(),
+                    model: None,
+                    stream: false,
+                    status,
+                    ts_ms: now_ms(),
+                };
+                self.record(entry, None, false, false);
+                return Ok(openai_error(status, &name, &format!("mock: {e}"), "invalid_request_error", code));
+            }
+        };
+        let parsed: Option<Value> = serde_json::from_slice(&decoded).ok();
         let model = parsed.as_ref().and_then(|v| v.get("model")).and_then(Value::as_str).map(str::to_string);
         let stream = parsed.as_ref().and_then(|v| v.get("stream")).and_then(Value::as_bool) == Some(true);
         let last = json!({
@@ -462,7 +506,7 @@ impl Mock {
             "authority": authority,
             "headers": headers,
             "body_len": body.len(),
-            "body": parsed.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned())),
+            "body": parsed.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(&decoded[..decoded.len().min(4096)]).into_owned())),
         });
         let settings = self.settings();
         let mut entry = LogEntry {
@@ -472,6 +516,8 @@ impl Mock {
             key: key.clone(),
             host,
             body_len: body.len(),
+            content_encoding,
+            body_crc32: crc.sum(),
             model: model.clone(),
             stream,
             status: 0,
@@ -522,11 +568,14 @@ impl Mock {
             ));
         }
 
-        let mut resp = self.answer(&settings, &method, &api_path, parsed.as_ref(), &body, seq);
+        let mut resp = self.answer(&settings, &method, &api_path, parsed.as_ref(), &decoded, seq);
         add_headers(&mut resp, &settings.response_headers);
         entry.status = resp.status().as_u16();
         self.record(entry, Some(last), false, false);
-        Ok(resp)
+        match settings.compress {
+            Some(c) if c.accepted_by(&accept_encoding) => Ok(compress_response(resp, c)),
+            _ => Ok(resp),
+        }
     }
 
     fn answer(&self, s: &Settings, method: &Method, path: &str, body: Option<&Value>, raw: &Bytes, seq: u64) -> Response<Body> {
@@ -711,6 +760,32 @@ impl Mock {
         }
         resp
     }
+}
+
+/// The answer's body compressed in `coding` as it streams (each frame flushed: SSE events still
+/// arrive one by one), with `Content-Encoding` set and `Content-Length` dropped.
+fn compress_response(resp: Response<Body>, coding: Coding) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(hyper::header::CONTENT_ENCODING, HeaderValue::from_static(coding.name()));
+    parts.headers.insert(hyper::header::VARY, HeaderValue::from_static("accept-encoding"));
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    let stream = futures_util::stream::unfold((body, Some(Compressor::new(coding))), |(mut body, enc)| async move {
+        let mut enc = enc?;
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    let out = enc.push(&data);
+                    if !out.is_empty() {
+                        return Some((Ok(Frame::data(Bytes::from(out))), (body, Some(enc))));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), (body, None))),
+                None => return Some((Ok(Frame::data(Bytes::from(enc.finish()))), (body, None))),
+            }
+        }
+    });
+    Response::from_parts(parts, BodyExt::boxed(StreamBody::new(stream)))
 }
 
 /// A mock served on its own thread and runtime; stops when dropped. For synchronous tests.

@@ -3,6 +3,7 @@
 //! Usage: hostsim-bench [OUTPUT.md]
 
 use host_sim::{Host, Vm, VmConfig};
+use std::io::Write;
 use std::time::Instant;
 
 const CONFIG: &str = "server: {master_key: sk-bench-master, replace_v1_models: false, default_models_rpm: -1}
@@ -13,12 +14,35 @@ credentials:
 ";
 const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words, please."}],"temperature":0.2}"#;
 
-/// How the upstream answers: a tiny JSON body, a chat answer with `usage`, or an SSE stream.
+/// How the upstream answers: a tiny JSON body, a chat answer with `usage`, or an SSE stream;
+/// the last two also gzip'd (`Content-Encoding: gzip`, the SSE flushed per event).
 #[derive(Clone, Copy)]
 enum Answer {
     Tiny,
     JsonUsage,
     Sse,
+    GzipJsonUsage,
+    /// SSE whose request asked for `include_usage` (so the stream is scanned), plain and gzip'd.
+    SseAsked,
+    GzipSseAsked,
+}
+
+const BODY_ASKED: &str = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words, please."}],"temperature":0.2}"#;
+
+/// `chunks` gzip'd as one stream, flushed after each (so each stays one chunk on the wire).
+fn gzip_chunks(chunks: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut out: Vec<Vec<u8>> = chunks
+        .iter()
+        .map(|c| {
+            e.write_all(c).and_then(|_| e.flush()).expect("gzip");
+            std::mem::take(e.get_mut())
+        })
+        .collect();
+    if let Some(last) = out.last_mut() {
+        last.extend(e.finish().expect("gzip"));
+    }
+    out
 }
 
 const JSON_USAGE: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, friend, how are you?"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":25,"completion_tokens":8,"total_tokens":33,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_1"}"#;
@@ -48,7 +72,8 @@ fn vm_for(host: &Host, retries: bool) -> Vm {
 }
 
 fn one(vm: &mut Vm, answer: Answer) {
-    let ex = vm.post("/v1/chat/completions", "sk-bench-master", BODY);
+    let body = if matches!(answer, Answer::SseAsked | Answer::GzipSseAsked) { BODY_ASKED } else { BODY };
+    let ex = vm.post("/v1/chat/completions", "sk-bench-master", body);
     assert!(ex.forwarded().is_some(), "bench request not forwarded: {:?}", ex.outcome);
     // With retries on the upstream filter runs the attempt (Envoy's router would), and answers it.
     let retries = vm.filter_state(&ex).contains_key("wasm.auto_ai_router_plan");
@@ -61,6 +86,20 @@ fn one(vm: &mut Vm, answer: Answer) {
             let chunks = sse_chunks();
             let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
             vm.respond_chunks(ex, 200, &[("content-type", "text/event-stream")], &refs)
+        }
+        Answer::GzipJsonUsage => {
+            let body = gzip_chunks(&[JSON_USAGE.to_vec()]).concat();
+            vm.respond(ex, 200, &[("content-type", "application/json"), ("content-encoding", "gzip")], &body)
+        }
+        Answer::SseAsked => {
+            let chunks = sse_chunks();
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            vm.respond_chunks(ex, 200, &[("content-type", "text/event-stream")], &refs)
+        }
+        Answer::GzipSseAsked => {
+            let chunks = gzip_chunks(&sse_chunks());
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            vm.respond_chunks(ex, 200, &[("content-type", "text/event-stream"), ("content-encoding", "gzip")], &refs)
         }
     };
     assert_eq!(r.status, 200);
@@ -117,6 +156,10 @@ fn main() {
     let (instr_r, calls_r, callbacks_r, allocs_r) = fuel_per_request(&fuel_host, Answer::Tiny, true);
     let (json_usage, _, _, _) = fuel_per_request(&fuel_host, Answer::JsonUsage, false);
     let (sse, _, _, _) = fuel_per_request(&fuel_host, Answer::Sse, false);
+    let (gz_json, _, _, _) = fuel_per_request(&fuel_host, Answer::GzipJsonUsage, false);
+    let (sse_asked, _, _, _) = fuel_per_request(&fuel_host, Answer::SseAsked, false);
+    let (gz_sse, _, _, _) = fuel_per_request(&fuel_host, Answer::GzipSseAsked, false);
+    let gz_json_len = gzip_chunks(&[JSON_USAGE.to_vec()]).concat().len();
 
     let report = format!(
         "# host-sim bench: router request path\n\n\
@@ -136,7 +179,10 @@ fn main() {
          | answer | wasm instructions | over the tiny answer |\n|---|---:|---:|\n\
          | tiny JSON, no usage | {instr} | — |\n\
          | {} B chat answer with `usage` | {json_usage} | +{} |\n\
-         | SSE, 20 chunks + a usage event | {sse} | +{} |\n\n\
+         | SSE, 20 chunks + a usage event | {sse} | +{} |\n\
+         | the same chat answer gzip'd ({gz_json_len} B, `Content-Encoding: gzip`) | {gz_json} | +{} |\n\
+         | SSE, the client asked for `include_usage` (scanned) | {sse_asked} | +{} |\n\
+         | the same SSE gzip'd, flushed per event | {gz_sse} | +{} |\n\n\
          (In Envoy each answer chunk also costs one host call to copy it into the VM.) Callbacks are the \
          host's calls into the module (each a V8 entry in Envoy); host allocations are the buffers a host call \
          that returns data (a header, shared data, a property, body bytes) has the module allocate first, each \
@@ -144,7 +190,10 @@ fn main() {
         BODY.len(),
         JSON_USAGE.len(),
         json_usage.saturating_sub(instr),
-        sse.saturating_sub(instr)
+        sse.saturating_sub(instr),
+        gz_json.saturating_sub(instr),
+        sse_asked.saturating_sub(instr),
+        gz_sse.saturating_sub(instr)
     );
     print!("{report}");
     if let Some(out) = out {

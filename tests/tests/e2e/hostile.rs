@@ -155,10 +155,24 @@ fn cases() -> Vec<Case> {
         ),
         c("valid JSON but an array", Send::Req(body(format!("[{CHAT}]"))), Status(400), Some("invalid_json"), false),
         c(
-            "Content-Encoding: gzip body (not decoded → not JSON)",
+            "Content-Encoding: gzip body (decoded, routed on its model)",
             Send::Req(body(gzip_stored(CHAT.as_bytes())).header("Content-Encoding", "gzip")),
+            Status(200),
+            None,
+            true,
+        ),
+        c(
+            "Content-Encoding: gzip on a plain body",
+            Send::Req(body(CHAT.as_bytes().to_vec()).header("Content-Encoding", "gzip")),
             Status(400),
-            Some("invalid_json"),
+            Some("invalid_body"),
+            false,
+        ),
+        c(
+            "Content-Encoding: compress (unsupported)",
+            Send::Req(body(gzip_stored(CHAT.as_bytes())).header("Content-Encoding", "compress")),
+            Status(415),
+            Some("unsupported_content_encoding"),
             false,
         ),
         c(

@@ -7,6 +7,7 @@ mod availability;
 mod balance;
 mod bodies;
 mod client;
+mod compression;
 mod dashboard;
 mod fail2ban;
 mod fault;
