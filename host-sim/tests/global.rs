@@ -189,7 +189,8 @@ fn tokens_are_checked_with_each_call_and_charged_after_the_answer() {
     let check = &host.grpc_calls()[0].message;
     // The token descriptor [credential a, tokens total] with its TPM and hits_addend 0 (check only).
     assert!(contains(check, b"\x0a\x06tokens\x12\x05total") && contains(check, &[0x1a, 0x00]), "{check:?}");
-    let usage = br#"{"id":"1","object":"chat.completion","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":50,"total_tokens":60}}"#;
+    let usage =
+        br#"{"id":"1","object":"chat.completion","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":50,"total_tokens":60}}"#;
     vm.respond(&ex, 200, &[("content-type", "application/json")], usage);
     let calls = host.grpc_calls();
     assert_eq!(calls.len(), 2, "the answer's tokens are charged");
