@@ -680,7 +680,7 @@ mod tests {
         let c = cfg(", lease: 5", "");
         let g = c.global.as_ref().unwrap();
         let check = Check::new(&c, "aar/global2/a/x", 0, None).unwrap();
-        let minute = 1_800_000_000_000u64 - 1_800_000_000_000 % 60_000;
+        let minute = 1_800_000_000_000u64; // a minute boundary
         for offset in (0..60_000).step_by(137) {
             for latency in [0u64, 1, 40, 999] {
                 let s = MemStore::default();
