@@ -23,8 +23,8 @@ pub struct StateKeys {
     pub tokens: String,
     pub ban: String,
     pub models: String,
-    /// Global limits: what the rate-limit service said (full notes, leased slots); per model
-    /// under `<global>/<model hash>`.
+    /// Global limits: what the rate-limit service said (full notes, leased slots); the
+    /// (credential, model) full notes under `<global>/<model hash>`.
     pub global: String,
     /// `max_concurrent`: the slots of requests in flight.
     pub inflight: String,
@@ -46,7 +46,8 @@ impl StateKeys {
             tokens: format!("aar/tpm3/{}/{id:016x}", c.name),
             ban: format!("aar/ban3/{}/{id:016x}/{p:08x}", c.name),
             models: format!("aar/models/list/{}/{id:016x}", c.name),
-            global: format!("aar/global/{}/{id:016x}", c.name),
+            // `global2`: leases per credential (the format of issue 21).
+            global: format!("aar/global2/{}/{id:016x}", c.name),
             inflight: format!("aar/inflight/{}/{id:016x}", c.name),
         }
     }
@@ -246,6 +247,7 @@ pub fn select_with(
     let now_s = now_ms / 1000;
     let model_tpm = model.map(|m| (m, cfg.model_tpm(m)));
     let model_limit = model.map(|m| (m, cfg.model_rpm(m)));
+    let mut tpm_share = TpmShare::default();
     while walk.k < w {
         let pos = (walk.start + walk.k) % w;
         let i = cfg.schedule.get(pos).map_or(usize::MAX, |i| *i as usize);
@@ -258,12 +260,13 @@ pub fn select_with(
             continue;
         }
         walk.serving += 1;
-        if let Err(skip) = local_checks(store, cred, key, model_tpm, now_ms) {
+        if let Err(skip) = local_checks(store, cfg, cred, key, model_tpm, &mut tpm_share, now_ms) {
             walk.skip(skip);
             walk.k += 1;
             continue;
         }
-        if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
+        let tokens_global = cfg.global.is_some() && (cred.tpm != Rpm::Unlimited || model_tpm.is_some_and(|(_, l)| l != Rpm::Unlimited));
+        if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) && !tokens_global {
             match take_slot(store, cfg, cred, key, walk.slot, None, now_ms) {
                 Ok(()) => return chosen(store, walk, w, i, 0),
                 Err(skip) => {
@@ -326,12 +329,27 @@ fn take_slot(
 /// anyway than what a provider keeps a connection for).
 const SLOT_WITHOUT_TIMEOUT_MS: u64 = 3_600_000;
 
+/// Whether this replica enforces its share of the TPM limits (`on_unavailable: local` while the
+/// rate-limit service is skipped), read once per selection when a TPM limit needs it.
+#[derive(Default)]
+struct TpmShare(Option<bool>);
+
+impl TpmShare {
+    fn get<'c>(&mut self, store: &dyn SharedStore, cfg: &'c Config, now_ms: u64) -> Option<&'c crate::config::GlobalLimits> {
+        let g = cfg.global.as_ref().filter(|g| g.on_unavailable == crate::config::OnUnavailable::Local)?;
+        let down = *self.0.get_or_insert_with(|| crate::global::service_down(store, now_ms));
+        down.then_some(g)
+    }
+}
+
 /// Ban, provider cooldown, TPM and `max_concurrent`: the checks that need no charge.
 fn local_checks(
     store: &dyn SharedStore,
+    cfg: &Config,
     cred: &Credential,
     key: &StateKeys,
     model_tpm: Option<(&str, Rpm)>,
+    tpm_share: &mut TpmShare,
     now_ms: u64,
 ) -> Result<(), Skip> {
     match check_ban(store, &key.ban, now_ms) {
@@ -342,13 +360,22 @@ fn local_checks(
     }
     if cred.tpm != Rpm::Unlimited || model_tpm.is_some_and(|(_, l)| l != Rpm::Unlimited) {
         let now_s = now_ms / 1000;
-        match read(store, &key.tokens, RateRecord::decode) {
-            Ok(Some(mut r)) => {
-                r.prune(now_s);
-                r.check_tokens(now_s, cred.tpm, model_tpm).map_err(Skip::Wait)?;
-            }
-            // Unreadable or corrupt (reset when the next usage is charged): refused this once.
-            _ => return Err(Skip::Busy),
+        let share = tpm_share.get(store, cfg, now_ms);
+        let (tpm, model_tpm) = (share_of(cred.tpm, share), model_tpm.map(|(m, l)| (m, share_of(l, share))));
+        match store.get(&key.tokens) {
+            Ok((None, _)) => {}
+            Ok((Some(bytes), cas)) => match RateRecord::decode(&bytes) {
+                Some(mut r) => {
+                    r.prune(now_s);
+                    r.check_tokens(now_s, tpm, model_tpm).map_err(Skip::Wait)?;
+                }
+                None => {
+                    // Corrupt: reset now (as a corrupt RPM record is), refused this once.
+                    let _ = store.set(&key.tokens, &RateRecord::default().encode(), write_token(true, cas));
+                    return Err(Skip::Busy);
+                }
+            },
+            Err(_) => return Err(Skip::Busy),
         }
     }
     if let Some(cap) = cred.max_concurrent {
@@ -378,6 +405,10 @@ fn admit(
         Gate::Unavailable => return Err(Skip::Unavailable),
         Gate::Ask(_) => return Err(Skip::Busy),
     };
+    // A key checked globally for its tokens only keeps no request window.
+    if cred.rpm == Rpm::Unlimited && model_limit.is_none_or(|(_, l)| l == Rpm::Unlimited) {
+        return Ok(0);
+    }
     charge(store, cred, key, model_limit, share, now_s)
 }
 
@@ -610,6 +641,8 @@ pub struct CredentialState {
     pub rpm_limit: Rpm,
     pub tpm_used: u32,
     pub tpm_limit: Rpm,
+    /// With global limits: whether the rate-limit service enforces them.
+    pub global: Option<crate::global::View>,
 }
 
 impl CredentialState {
@@ -639,13 +672,15 @@ pub fn credential_states(store: &dyn SharedStore, cfg: &Config, keys: &[StateKey
                 rpm_limit: c.rpm,
                 tpm_used: tpm_current(store, k, now_ms),
                 tpm_limit: c.tpm,
+                global: cfg.global.as_ref().map(|_| crate::global::view(store, &k.global)),
             }
         })
         .collect()
 }
 
-/// `{"object":"list","data":[{"name","status","banned_until","cooldown_until","consecutive_errors","rpm":{"used","limit"},"tpm":{"used","limit"}}]}`;
-/// times are Unix seconds (null when not set; a permanent ban is "permanent").
+/// `{"object":"list","data":[{"name","status","banned_until","cooldown_until","consecutive_errors","rpm":{"used","limit"},"tpm":{"used","limit"},"global_limit"}]}`;
+/// times are Unix seconds (null when not set; a permanent ban is "permanent"); `global_limit`
+/// is null without global limits, else `unchecked`, `enforced` or `missing`.
 pub fn credential_states_json(states: &[CredentialState], now_ms: u64) -> String {
     let time = |ms: u64| match ms {
         0 => "null".to_string(),
@@ -657,7 +692,7 @@ pub fn credential_states_json(states: &[CredentialState], now_ms: u64) -> String
         .iter()
         .map(|s| {
             format!(
-                "{{\"name\":{},\"status\":\"{}\",\"banned_until\":{},\"cooldown_until\":{},\"consecutive_errors\":{},\"rpm\":{{\"used\":{},\"limit\":{}}},\"tpm\":{{\"used\":{},\"limit\":{}}}}}",
+                "{{\"name\":{},\"status\":\"{}\",\"banned_until\":{},\"cooldown_until\":{},\"consecutive_errors\":{},\"rpm\":{{\"used\":{},\"limit\":{}}},\"tpm\":{{\"used\":{},\"limit\":{}}},\"global_limit\":{}}}",
                 crate::errors::json_string(&s.name),
                 s.status(now_ms),
                 time(s.banned_until_ms),
@@ -666,7 +701,8 @@ pub fn credential_states_json(states: &[CredentialState], now_ms: u64) -> String
                 s.rpm_used,
                 s.rpm_limit.as_i64(),
                 s.tpm_used,
-                s.tpm_limit.as_i64()
+                s.tpm_limit.as_i64(),
+                s.global.map_or("null".to_string(), |v| format!("\"{}\"", v.as_str()))
             )
         })
         .collect();
@@ -916,6 +952,19 @@ mod tests {
             "a corrupt cursor is fairness only: selection goes on"
         );
         assert_eq!(read(&s, CURSOR_KEY, decode_cursor).unwrap(), Some(0), "and it was reset");
+    }
+
+    #[test]
+    fn a_corrupt_tpm_record_refuses_once_then_is_reset() {
+        let text =
+            "server: {master_key: mk, default_models_rpm: -1}\ncredentials:\n  - {name: c1, api_key: k1, base_url: 'http://h', tpm: 100}\n";
+        let c = load(text, &|_| None).unwrap();
+        let k = StateKeys::for_config(&c);
+        let s = MemStore::default();
+        s.set(&k[0].tokens, b"\xffgarbage", 0).unwrap();
+        assert_eq!(pick(&s, &c, Some("m"), 0), Selection::Busy, "a limiter never fails open on a bad record");
+        assert!(matches!(pick(&s, &c, Some("m"), 0), Selection::Chosen { index: 0, .. }), "reset at once, not at the next charge");
+        assert_eq!(read(&s, &k[0].tokens, RateRecord::decode).unwrap(), Some(RateRecord::default()));
     }
 
     #[test]

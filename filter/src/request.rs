@@ -349,6 +349,7 @@ impl Request {
                         rt.log(host, LogLevel::Error, || format!("auto-ai-router: {} tokens not charged: {e:?}", u.total));
                     }
                 }
+                rt.charge_global_tokens(host, index, Some(model), u.total);
             }
             None => rt.increment(host, HotKey::UsageMissing(index)),
         }
@@ -679,7 +680,7 @@ impl Request {
                 Err(e) => {
                     rt.log(host, LogLevel::Warn, || format!("auto-ai-router: rate-limit service call refused by Envoy (status {})", e.0));
                     rt.increment(host, HotKey::GlobalChecks("error"));
-                    let gate = global::on_failure(host, g, now);
+                    let gate = global::on_failure(host, g, &check, hits, now);
                     selection = resume_walk(rt, host, model.as_deref(), &mut walk, gate, &check, now);
                 }
             }
@@ -723,8 +724,8 @@ fn feed_body(
 
 fn resume_walk(rt: &Runtime, host: &dyn Host, model: Option<&str>, walk: &mut Walk, gate: Gate, check: &Check<'_>, now: u64) -> Selection {
     let (selection, unused) = rt.resume(host, model, walk, gate, now);
-    if unused {
-        global::give_back(host, check, now);
+    if let (true, Some(g)) = (unused, &rt.cfg.global) {
+        global::give_back(host, g, check, now);
     }
     selection
 }
@@ -754,17 +755,14 @@ impl Request {
         let now = host.now_ms();
         let verdict = if status == 0 { host.grpc_response(size).ok().map(|b| rls::decode_reply(&b)) } else { None };
         let gate = match verdict {
-            Some(Ok(v)) => {
-                rt.increment(host, HotKey::GlobalChecks(if v.over { "over_limit" } else { "ok" }));
-                global::on_verdict(host, &check, dispatch_ms, hits, &v)
-            }
+            Some(Ok(v)) => rt.global_verdict(host, &check, dispatch_ms, hits, &v),
             failed => {
                 rt.increment(host, HotKey::GlobalChecks("error"));
                 rt.log(host, LogLevel::Warn, || match failed {
                     Some(Err(e)) => format!("auto-ai-router: the rate-limit service's reply is unusable ({e:?}); skipping it for a while"),
                     _ => format!("auto-ai-router: the rate-limit service failed (gRPC status {status}); skipping it for a while"),
                 });
-                global::on_failure(host, g, now)
+                global::on_failure(host, g, &check, hits, now)
             }
         };
         let selection = resume_walk(rt, host, model.as_deref(), &mut walk, gate, &check, now);

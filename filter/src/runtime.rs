@@ -78,10 +78,7 @@ impl GlobalGate for Gatekeeper<'_> {
     fn gate(&mut self, index: usize) -> Gate {
         let (Some(g), Some(key)) = (&self.rt.cfg.global, self.rt.keys.get(index)) else { return Gate::Pass };
         match Check::new(&self.rt.cfg, &key.global, index, self.model) {
-            Some(check) => match global::gate(self.host, g, &check, self.now_ms) {
-                Gate::Ask(_) if !self.may_ask => Gate::Refuse(1),
-                gate => gate,
-            },
+            Some(check) => global::gate(self.host, g, &check, self.now_ms, self.may_ask),
             None => Gate::Pass,
         }
     }
@@ -331,6 +328,49 @@ impl Runtime {
         let serves = |i: usize, m: &str| !model_aware || index.serves(i, m);
         let mut keeper = Gatekeeper { rt: self, host, model, now_ms, may_ask: true };
         balancer::resume(host, &self.cfg, &self.keys, model, &serves, now_ms, walk, gate, &mut keeper)
+    }
+
+    /// The rate-limit service answered a selection call (made at `dispatch_ms` for `hits`
+    /// slots): counts it by result, logs missing limits once per configuration, records it.
+    pub fn global_verdict(&self, host: &dyn Host, check: &Check<'_>, dispatch_ms: u64, hits: u32, v: &crate::rls::Verdict) -> Gate {
+        let Some(g) = &self.cfg.global else { return Gate::Pass };
+        let answer = global::on_verdict(host, g, check, dispatch_ms, host.now_ms(), hits, v);
+        let result = match (v.over, answer.no_limit) {
+            (true, _) => "over_limit",
+            (false, true) => "no_limit",
+            (false, false) => "ok",
+        };
+        self.increment(host, HotKey::GlobalChecks(result));
+        if answer.first_no_limit {
+            let name = check.limits.first().map_or("?", |l| l.credential);
+            self.log(host, LogLevel::Warn, || {
+                format!(
+                    "auto-ai-router: the rate-limit service has no limit for credential {name} in domain {:?} (its answer carries no current_limit): \
+                     global limits are off for it; its config must have that domain",
+                    g.domain
+                )
+            });
+        }
+        answer.gate
+    }
+
+    /// Charges an answer's reported tokens to the rate-limit service (TPM across replicas): one
+    /// call that adds them to the credential's (and the model's) token descriptors. Nobody waits
+    /// for it and its reply is not read; skipped while the breaker is open.
+    pub fn charge_global_tokens(&self, host: &dyn Host, index: usize, model: Option<&str>, tokens: u64) {
+        let (Some(g), Some(key)) = (&self.cfg.global, self.keys.get(index)) else { return };
+        let Some(check) = Check::tokens(&self.cfg, &key.global, index, model) else { return };
+        let Some(message) = global::charge_message(g, &check, tokens) else { return };
+        if global::service_down(host, host.now_ms()) {
+            return;
+        }
+        let sent = host.dispatch_grpc_call(crate::config::RLS_CLUSTER, crate::rls::SERVICE, crate::rls::METHOD, &message, g.timeout);
+        self.increment(host, HotKey::GlobalChecks(if sent.is_ok() { "charge" } else { "error" }));
+        if let Err(e) = sent {
+            self.log(host, LogLevel::Warn, || {
+                format!("auto-ai-router: {tokens} tokens not charged to the rate-limit service (status {})", e.0)
+            });
+        }
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {

