@@ -420,7 +420,7 @@ fn dashboard_matches_the_metrics_a_real_router_exposes() {
     let b = mock("b", "sk-dash-b-00000", &["gpt-4o"]);
     // fail2ban counts only 500s here: a provider 429 puts a key in cooldown, it is no strike.
     let cfg = format!(
-        "server:\n  master_key: \"{MASTER}\"\n  default_models_rpm: -1\ncredentials:\n{}{}fail2ban:\n  max_attempts: 2\n  error_codes: [500]\n",
+        "server:\n  master_key: \"{MASTER}\"\n  default_models_rpm: -1\n  queue_timeout: 2s\ncredentials:\n{}{}fail2ban:\n  max_attempts: 2\n  error_codes: [500]\n",
         cred("cred_a", "sk-dash-a-00000", &a.url(), 1000),
         cred("cred_b", "sk-dash-b-00000", &b.url(), 1000),
     );
@@ -447,6 +447,7 @@ fn dashboard_matches_the_metrics_a_real_router_exposes() {
     control(&b, json!({"fail_status": 429, "fail_next": 1}));
     let resp = chat(json!({}));
     assert_eq!(resp.status, 429, "{}", resp.describe());
+    // With queue_timeout the next request waits for a key to come back (queue wait histogram).
     wait_for("the cooldowns (Retry-After: 1) to end", Duration::from_secs(5), || (chat(json!({})).status == 200).then_some(()));
     // 500s until fail2ban bans both credentials (errors, retries on 500, bans, no_credential).
     control(&a, json!({"fail_status": 500, "fail_next": 10}));
