@@ -67,8 +67,53 @@ fn config(retries: bool) -> String {
 }
 
 fn vm_for(host: &Host, retries: bool) -> Vm {
-    let c = config(retries);
+    vm_with_config(host, config(retries))
+}
+
+fn vm_with_config(host: &Host, c: String) -> Vm {
     host.vm_with(VmConfig::new(c.clone()).plugin("auto_ai_router_upstream", c)).expect("vm")
+}
+
+/// Issue 23's features on the retries-off config: weights 1:2:3, and `max_concurrent` on every key.
+fn availability_config(weights: bool, caps: bool) -> String {
+    let mut c = config(false);
+    for (i, name) in ["c1", "c2", "c3"].iter().enumerate() {
+        let mut extra = String::new();
+        if weights {
+            extra.push_str(&format!(", weight: {}", i + 1));
+        }
+        if caps {
+            extra.push_str(", max_concurrent: 1000");
+        }
+        c = c.replacen(&format!("{{name: {name}, "), &format!("{{name: {name}{extra}, "), 1);
+    }
+    c
+}
+
+/// Wall µs and wasm instructions per request (tiny answers) for a configuration.
+fn cost_of(host: &Host, fuel_host: &Host, c: &str) -> (f64, u64) {
+    let mut vm = vm_with_config(host, c.to_string());
+    for _ in 0..500 {
+        one(&mut vm, Answer::Tiny);
+    }
+    let n = 20_000u32;
+    let t = Instant::now();
+    for i in 0..n {
+        if i % 100 == 0 {
+            host.advance_ms(100);
+        }
+        one(&mut vm, Answer::Tiny);
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let mut fvm = vm_with_config(fuel_host, c.to_string());
+    for _ in 0..100 {
+        one(&mut fvm, Answer::Tiny);
+    }
+    let before = fvm.fuel_used().unwrap();
+    for _ in 0..2_000 {
+        one(&mut fvm, Answer::Tiny);
+    }
+    (us, (fvm.fuel_used().unwrap() - before) / 2_000)
 }
 
 fn one(vm: &mut Vm, answer: Answer) {
@@ -160,6 +205,14 @@ fn main() {
     let (sse_asked, _, _, _) = fuel_per_request(&fuel_host, Answer::SseAsked, false);
     let (gz_sse, _, _, _) = fuel_per_request(&fuel_host, Answer::GzipSseAsked, false);
     let gz_json_len = gzip_chunks(&[JSON_USAGE.to_vec()]).concat().len();
+    // Weights and concurrency caps: each configuration measured in its own VM, interleaved twice
+    // (the spread between the two base runs is the run's noise).
+    let plain = availability_config(false, false);
+    let (base1, base_i) = cost_of(&host, &fuel_host, &plain);
+    let (w_us, w_i) = cost_of(&host, &fuel_host, &availability_config(true, false));
+    let (c_us, c_i) = cost_of(&host, &fuel_host, &availability_config(false, true));
+    let (base2, _) = cost_of(&host, &fuel_host, &plain);
+    let base = (base1 + base2) / 2.0;
 
     let report = format!(
         "# host-sim bench: router request path\n\n\
@@ -183,6 +236,12 @@ fn main() {
          | the same chat answer gzip'd ({gz_json_len} B, `Content-Encoding: gzip`) | {gz_json} | +{} |\n\
          | SSE, the client asked for `include_usage` (scanned) | {sse_asked} | +{} |\n\
          | the same SSE gzip'd, flushed per event | {gz_sse} | +{} |\n\n\
+         Weights and concurrency caps (issue 23), `max_provider_retries: 0`, tiny answers, per request \
+         (base measured twice: {base1:.1} and {base2:.1} µs, the run's noise):\n\n\
+         | configuration | µs | over the base | wasm instructions | over the base |\n|---|---:|---:|---:|---:|\n\
+         | none (base) | {base:.1} | — | {base_i} | — |\n\
+         | weights 1:2:3 | {w_us:.1} | {:+.1} | {w_i} | {:+} |\n\
+         | `max_concurrent` on every key | {c_us:.1} | {:+.1} | {c_i} | {:+} |\n\n\
          (In Envoy each answer chunk also costs one host call to copy it into the VM.) Callbacks are the \
          host's calls into the module (each a V8 entry in Envoy); host allocations are the buffers a host call \
          that returns data (a header, shared data, a property, body bytes) has the module allocate first, each \
@@ -193,7 +252,11 @@ fn main() {
         sse.saturating_sub(instr),
         gz_json.saturating_sub(instr),
         sse_asked.saturating_sub(instr),
-        gz_sse.saturating_sub(instr)
+        gz_sse.saturating_sub(instr),
+        w_us - base,
+        w_i as i64 - base_i as i64,
+        c_us - base,
+        c_i as i64 - base_i as i64,
     );
     print!("{report}");
     if let Some(out) = out {
