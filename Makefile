@@ -20,10 +20,11 @@ wasm: wasm-target
 	@ls -l $(WASM) | awk '{print "filter.wasm: " $$5 " bytes"}'
 
 # Test-only build with the fault-injection hook (a header that makes the filter trap), kept apart
-# from the release artifact.
-WASM_FAULT := target/fault/$(WASM_TARGET)/release/filter.wasm
+# from the release artifact: its own profile (Cargo.toml: release without full LTO), so its own
+# output directory.
+WASM_FAULT := target/$(WASM_TARGET)/wasm-fault/filter.wasm
 wasm-fault: wasm-target
-	$(CARGO) build --release --target $(WASM_TARGET) -p filter --features fault-injection --target-dir target/fault
+	$(CARGO) build --profile wasm-fault --target $(WASM_TARGET) -p filter --features fault-injection
 
 test-unit:
 	$(CARGO) test -p filter

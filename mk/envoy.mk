@@ -33,7 +33,8 @@ run: wasm venv native
 
 TEST_TARGETS += test-envoy
 test-envoy: wasm venv
-	$(CARGO) test -p auto-ai-router -p e2e
+	@# e2e's own unit tests (the mock provider's) run in test-e2e, with the same build.
+	$(CARGO) test -p auto-ai-router
 
 # The bootstrap docker-compose mounts (paths as inside the official Envoy image).
 .PHONY: compose-bootstrap

@@ -17,9 +17,10 @@ redis:
 	  $(SUDO) apt-get install -y redis-server || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }; }
 
 test-global: wasm venv redis
+	@# Its integration tests make cargo build the binary too, into target/debug/rls-double, where
+	@# the harness (e2e::global) finds it (a separate `cargo build` would resolve features anew and
+	@# rebuild half the tree).
 	$(CARGO) test -p rls-double
-	@# The harness (e2e::global) finds the built double in target/<profile>/rls-double.
-	$(CARGO) build -p rls-double
 	$(CARGO) test -p e2e --features e2e --test global_harness
 	@# The e2e multi-replica suite (module `global`); zero matching tests is a success.
 	$(CARGO) test -p e2e --features e2e --test e2e -- global::

@@ -1,8 +1,8 @@
 //! The messages of Envoy's rate-limit service protocol (RLS v3, `ShouldRateLimit`) that global
 //! limits use, declared by hand with prost's derive (field numbers from
 //! `envoy/service/ratelimit/v3/rls.proto` and `envoy/extensions/common/ratelimit/v3/ratelimit.proto`;
-//! unknown fields of a reply are skipped). The e2e suite talks to a service built on the
-//! generated protos, which pins these numbers.
+//! unknown fields of a reply are skipped). The e2e suite talks to tests/rls-double, whose own
+//! declarations are pinned byte for byte to the generated protos' encoding, which pins these.
 
 use prost::Message;
 

@@ -8,8 +8,9 @@
 //!   [`free_port`](crate::harness::free_port); a lost port race is retried.
 //! - rls-double: `$RLS_DOUBLE_BIN`, else `rls-double` next to the test binary's profile directory
 //!   (`<target>/<profile>/rls-double`: cargo sets `CARGO_BIN_EXE_*` only for the same package).
-//!   Build it first with `cargo build -p rls-double` (`make test-global` does). It binds port 0
-//!   and reports its real ports in its ready line, so it never races for a port.
+//!   Build it first with `cargo build -p rls-double` or `cargo test -p rls-double` (`make test-global`
+//!   does the latter). It binds port 0 and reports its real ports in its ready line, so it never
+//!   races for a port.
 //!
 //! ```ignore
 //! let redis = Redis::start();
@@ -128,7 +129,7 @@ pub fn rls_double_bin() -> PathBuf {
     let p = profile_dir.join("rls-double");
     assert!(
         p.is_file(),
-        "{} is missing: build it with `cargo build -p rls-double` (make test-global does), or set RLS_DOUBLE_BIN",
+        "{} is missing: build it with `cargo build -p rls-double` (or `make test-global`), or set RLS_DOUBLE_BIN",
         p.display()
     );
     p

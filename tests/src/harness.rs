@@ -43,7 +43,7 @@ pub enum Wasm {
 pub fn wasm_path(w: Wasm) -> PathBuf {
     let (rel, make) = match w {
         Wasm::Release => ("target/wasm32-wasip1/release/filter.wasm", "make wasm"),
-        Wasm::Fault => ("target/fault/wasm32-wasip1/release/filter.wasm", "make wasm-fault"),
+        Wasm::Fault => ("target/wasm32-wasip1/wasm-fault/filter.wasm", "make wasm-fault"),
     };
     let p = repo_root().join(rel);
     assert!(p.is_file(), "{} is missing: build it with `{make}` (or run the suite with `make test-e2e`)", p.display());

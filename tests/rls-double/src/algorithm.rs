@@ -11,10 +11,7 @@
 //!   double has no config file, so a descriptor without an override has no limit (upstream would
 //!   look it up in its config; the router always sends overrides).
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{rate_limit::Unit, Code, DescriptorStatus, RateLimit};
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
-use envoy_types::pb::google::protobuf::Duration;
+use crate::proto::{Code, DescriptorStatus, Duration, RateLimit, RateLimitDescriptor, RateLimitRequest, Unit};
 
 /// Seconds per window for an RLS unit (`UnitToDivider`); None for UNKNOWN or an unknown value
 /// (upstream panics there).
@@ -114,7 +111,6 @@ pub fn status(limit: Option<&Limit>, after: u64, now: i64) -> DescriptorStatus {
         current_limit: Some(l.as_rate_limit()),
         limit_remaining: remaining,
         duration_until_reset: Some(Duration { seconds: duration_until_reset(l.divider, now), nanos: 0 }),
-        ..Default::default()
     }
 }
 
@@ -130,15 +126,13 @@ pub fn overall(statuses: &[DescriptorStatus]) -> Code {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{Entry, RateLimitOverride};
-    use envoy_types::pb::google::protobuf::UInt64Value;
+    use crate::proto::{Entry, RateLimitOverride, UInt64Value};
 
     fn desc(entries: &[(&str, &str)], limit: Option<(u32, Unit)>, hits: Option<u64>) -> RateLimitDescriptor {
         RateLimitDescriptor {
             entries: entries.iter().map(|(k, v)| Entry { key: k.to_string(), value: v.to_string() }).collect(),
             limit: limit.map(|(n, u)| RateLimitOverride { requests_per_unit: n, unit: u as i32 }),
             hits_addend: hits.map(|value| UInt64Value { value }),
-            ..Default::default()
         }
     }
 

@@ -5,6 +5,8 @@
 //! envoyproxy/ratelimit there (envoy/README.md).
 
 pub mod algorithm;
+pub mod grpc;
 pub mod limiter;
+pub mod proto;
 pub mod service;
 pub mod stats;

@@ -9,8 +9,7 @@
 //! 3. Each descriptor's status from its post-INCRBY value: OVER_LIMIT iff it is above the limit.
 
 use crate::algorithm::{self, Limit};
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use crate::proto::{Code, RateLimitRequest, RateLimitResponse};
 use redis::aio::MultiplexedConnection;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -116,5 +115,5 @@ pub async fn should_rate_limit(conn: &mut MultiplexedConnection, s: &Settings, r
     // Step 3: statuses and the overall code.
     let statuses: Vec<_> = (0..keys.len()).map(|i| algorithm::status(limits[i].as_ref(), after[i], now)).collect();
     let overall: Code = algorithm::overall(&statuses);
-    Ok(RateLimitResponse { overall_code: overall as i32, statuses, ..Default::default() })
+    Ok(RateLimitResponse { overall_code: overall as i32, statuses })
 }

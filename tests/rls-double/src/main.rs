@@ -8,7 +8,6 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use rls_double::limiter::Settings;
 use rls_double::service::{Counters, Service};
 use std::io::Write;
@@ -62,11 +61,10 @@ async fn main() -> Result<()> {
         expiration_jitter_max_seconds: a.expiration_jitter_max_seconds,
     };
     tokio::spawn(rls_double::stats::serve(stats, counters.clone()));
-    let svc = RateLimitServiceServer::new(Service { conn, settings, counters });
+    let svc = Arc::new(Service { conn, settings, counters });
 
     println!("rls-double ready grpc={grpc_addr} stats={stats_addr} redis={}", a.redis);
     std::io::stdout().flush().ok();
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-    tonic::transport::Server::builder().serve_with_incoming(svc, incoming).await.context("gRPC server")?;
+    rls_double::service::serve(grpc, svc).await;
     Ok(())
 }

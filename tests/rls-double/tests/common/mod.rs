@@ -1,16 +1,21 @@
 //! Test helpers: Redis and `rls-double` processes come from the e2e harness (`e2e::global`: a real
 //! `redis-server` on a free loopback port, no persistence; both killed on drop); here a gRPC
-//! client and request builders.
+//! client (unary calls over one HTTP/2 connection) and request builders.
 #![allow(dead_code)]
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{Entry, RateLimitOverride};
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::protobuf::UInt64Value;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper::header::{HeaderValue, CONTENT_TYPE, TE};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
+use rls_double::grpc::{self, Status};
+use rls_double::proto::{
+    Entry, RateLimitDescriptor, RateLimitOverride, RateLimitRequest, RateLimitResponse, UInt64Value, Unit, SHOULD_RATE_LIMIT_PATH,
+};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tonic::transport::Channel;
 
 pub use e2e::global::Redis;
 use e2e::global::RlsDouble;
@@ -28,8 +33,8 @@ impl Double {
         Double(RlsDouble::start_with(redis, extra))
     }
 
-    pub async fn client(&self) -> RateLimitServiceClient<Channel> {
-        RateLimitServiceClient::connect(format!("http://{}", self.0.addr())).await.expect("connect to rls-double")
+    pub async fn client(&self) -> Client {
+        Client::connect(self.0.addr()).await
     }
 
     pub fn stats(&self) -> serde_json::Value {
@@ -59,7 +64,6 @@ pub fn desc(entries: &[(&str, &str)], limit: Option<(u32, Unit)>, hits: Option<u
         entries: entries.iter().map(|(k, v)| Entry { key: k.to_string(), value: v.to_string() }).collect(),
         limit: limit.map(|(n, u)| RateLimitOverride { requests_per_unit: n, unit: u as i32 }),
         hits_addend: hits.map(|value| UInt64Value { value }),
-        ..Default::default()
     }
 }
 
@@ -67,6 +71,57 @@ pub fn req(domain: &str, descriptors: Vec<RateLimitDescriptor>, hits_addend: u32
     RateLimitRequest { domain: domain.into(), descriptors, hits_addend }
 }
 
-pub async fn call(c: &mut RateLimitServiceClient<Channel>, r: RateLimitRequest) -> RateLimitResponse {
-    c.should_rate_limit(r).await.expect("ShouldRateLimit").into_inner()
+pub async fn call(c: &mut Client, r: RateLimitRequest) -> RateLimitResponse {
+    c.should_rate_limit(&r).await.expect("ShouldRateLimit")
+}
+
+/// A gRPC client: HTTP/2 with prior knowledge, as Envoy's gRPC client connects.
+#[derive(Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    send: SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to rls-double");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("HTTP/2 handshake");
+        tokio::spawn(conn);
+        Client { addr, send }
+    }
+
+    /// One request as sent (for the tests of bad requests).
+    pub async fn send(&mut self, path: &str, content_type: &str, body: Bytes) -> Response<hyper::body::Incoming> {
+        let req = Request::post(format!("http://{}{path}", self.addr))
+            .header(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap())
+            .header(TE, "trailers")
+            .body(Full::new(body))
+            .unwrap();
+        self.send.send_request(req).await.expect("HTTP/2 request")
+    }
+
+    /// A unary call; Err is the status of a failed call.
+    pub async fn unary(&mut self, path: &str, message: &[u8]) -> Result<Bytes, Status> {
+        let resp = self.send(path, "application/grpc", grpc::frame(message)).await;
+        assert_eq!(resp.status(), 200, "gRPC answers are HTTP 200");
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/grpc");
+        if let Some(s) = grpc::status_of(resp.headers()) {
+            // Trailers-Only: the call failed (an OK status always comes with a message).
+            assert_ne!(s.code, grpc::OK, "Trailers-Only with OK");
+            return Err(s);
+        }
+        let body = resp.into_body().collect().await.expect("response body");
+        let status = body.trailers().and_then(grpc::status_of).expect("grpc-status trailer");
+        let bytes = body.to_bytes();
+        if status.code != grpc::OK {
+            return Err(status);
+        }
+        Ok(Bytes::copy_from_slice(grpc::unframe(&bytes).expect("one message")))
+    }
+
+    pub async fn should_rate_limit(&mut self, r: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+        let bytes = self.unary(SHOULD_RATE_LIMIT_PATH, &r.encode_to_vec()).await?;
+        Ok(RateLimitResponse::decode(bytes).expect("a RateLimitResponse"))
+    }
 }

@@ -1,0 +1,1 @@
+//! Empty: this crate only pins its dependencies' features (see its Cargo.toml).
